@@ -1,11 +1,33 @@
 """qwenkit: the Qwen2.5 family natively in PyTorch.
 
-The public entry points; see README.md for a tour.
+The public entry points; see README.md for a tour. They load on first use, so that
+`import qwenkit` (and `qwenkit --help`) stays fast: torch is imported only when needed.
 """
 
-from qwenkit.config import PRESETS, QwenConfig, from_hf_config
-from qwenkit.checkpoint import load_model
-from qwenkit.tokenizer import Tokenizer, load_tokenizer
+from importlib import import_module
 
-__all__ = ["PRESETS", "QwenConfig", "Tokenizer", "from_hf_config", "load_model", "load_tokenizer"]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "QwenConfig": "qwenkit.config",
+    "PRESETS": "qwenkit.config",
+    "from_hf_config": "qwenkit.config",
+    "QwenForCausalLM": "qwenkit.model",
+    "KVCache": "qwenkit.model",
+    "load_model": "qwenkit.checkpoint",
+    "Tokenizer": "qwenkit.tokenizer",
+    "load_tokenizer": "qwenkit.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qwenkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,306 @@
+"""Hugging Face checkpoint folders: config.json, safetensors (one file or shards plus an index),
+generation_config.json. Loaded and saved unchanged, so transformers, vLLM and llama.cpp's
+converters read what qwenkit writes.
+
+Loading builds the model on the meta device and reads each tensor straight into its final
+storage, so a checkpoint never sits in memory twice (nor mapped beside its copy). Saving writes
+every file under a temporary name and renames it into place, the index last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwenkit.config import QwenConfig, from_hf_config
+from qwenkit.model import QwenForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype names, as written in each file's header.
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is; the message names the file and tensor."""
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub id fetched where a hub is reachable."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a checkpoint folder (with config.json), found a file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(
+                f"{name!r} is not a local folder, and huggingface_hub is not installed to fetch it from the hub. "
+                f"Point --model at a local checkpoint folder (e.g. one made by `qwenkit new`).") from None
+        try:
+            return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        except Exception as e:
+            raise CheckpointError(
+                f"could not fetch {name!r} from the hub ({type(e).__name__}: {e}). Without a reachable hub, "
+                f"point --model at a local checkpoint folder (e.g. one made by `qwenkit new`).") from None
+    raise CheckpointError(f"{path}: no such checkpoint folder")
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> QwenForCausalLM:
+    """Load a Hugging Face checkpoint folder into a QwenForCausalLM.
+
+    Args:
+        path: a folder with config.json and model.safetensors (or shards and their index); a hub
+            id where a hub is reachable.
+        dtype: the weights' dtype in memory; default float32 on CPU and bfloat16 elsewhere (never
+            float16, which overflows on these weights).
+        device: where the weights go.
+    """
+    folder = resolve_model_path(path)
+    config = from_hf_config(folder / "config.json")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    load_weights(model, folder, dtype=dtype, device=device)
+    model.model.rotary_emb.reset_buffers(device)
+    model.generation_config = read_generation_config(folder)
+    return model.eval()
+
+
+def checkpoint_files(folder: Path) -> dict[str, list[str]]:
+    """{shard file name: [tensor names]} from the index, or the single file's header."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        files: dict[str, list[str]] = {}
+        for tensor, shard in weight_map.items():
+            files.setdefault(shard, []).append(tensor)
+        for shard in files:
+            if not (folder / shard).exists():
+                raise CheckpointError(f"{folder / shard}: shard listed in {INDEX_FILE} is missing")
+        return files
+    single = folder / SINGLE_FILE
+    if single.exists():
+        return {SINGLE_FILE: list(read_header(single))}
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    hint = f" (found {', '.join(found)} but no {INDEX_FILE})" if found else ""
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        hint += "; pickle checkpoints (.bin/.pt) are not loaded: convert them to safetensors"
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header: {name: {dtype, shape, data_offsets}}, checked
+    against the file's size so that a truncated file fails here, naming the file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{file}: corrupt safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: corrupt safetensors header (not JSON)") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        if end > data_size:
+            raise CheckpointError(f"{file}: tensor '{name}' runs past the end of the file (truncated shard?)")
+        if entry["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+        entry["data_start"] = 8 + n + start
+    return header
+
+
+def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Read every tensor of the checkpoint into `model` (built on the meta device), checking names
+    and shapes; errors name the file and the tensor."""
+    expected = dict(model.named_parameters())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    seen: set[str] = set()
+    for shard, names in checkpoint_files(folder).items():
+        file = folder / shard
+        header = read_header(file)
+        with open(file, "rb", buffering=0) as f:
+            for name in names:
+                if name not in header:
+                    raise CheckpointError(f"{file}: tensor '{name}' is in the index but not in the file")
+                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    continue  # recomputed / tied to the embeddings: harmless extras some exporters write
+                if name not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor '{name}' (not part of this model's config)")
+                entry, param = header[name], expected[name]
+                if list(entry["shape"]) != list(param.shape):
+                    raise CheckpointError(f"{file}: tensor '{name}' has shape {list(entry['shape'])}, "
+                                          f"the config asks for {list(param.shape)}")
+                f.seek(entry["data_start"])
+                try:
+                    tensor = _read_tensor(f, entry, dtype)
+                except EOFError:
+                    raise CheckpointError(f"{file}: tensor '{name}' could not be read in full (truncated shard?)") from None
+                _set_parameter(model, name, tensor.to(device))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{more}")
+
+
+_CHUNK_BYTES = 64 << 20
+
+
+def _read_tensor(f, entry: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Read one tensor at the file's position into a new CPU tensor of `dtype`. A dtype change goes
+    through a bounded buffer, so no full-size copy in the file's dtype ever exists."""
+    stored = _DTYPES[entry["dtype"]]
+    out = torch.empty(entry["shape"], dtype=dtype)
+    flat = out.view(-1)
+    if stored == dtype:
+        _read_into(f, flat)
+        return out
+    step = max(_CHUNK_BYTES // stored.itemsize, 1)
+    buffer = torch.empty(min(step, flat.numel()), dtype=stored)
+    for start in range(0, flat.numel(), step):
+        part = buffer[: min(step, flat.numel() - start)]
+        _read_into(f, part)
+        flat[start:start + part.numel()].copy_(part)
+    return out
+
+
+def _read_into(f, t: torch.Tensor) -> None:
+    view = memoryview(t.view(torch.uint8).numpy())
+    while view.nbytes:
+        n = f.readinto(view)
+        if not n:
+            raise EOFError
+        view = view[n:]
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
+
+
+def read_generation_config(folder: Path) -> dict:
+    file = folder / "generation_config.json"
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def default_generation_config(config: QwenConfig) -> dict:
+    """Qwen2.5-Instruct's generation_config.json for Qwen2 models; the config's own ids otherwise."""
+    if config.model_type != "qwen2":
+        return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    return {
+        "bos_token_id": 151643,
+        "pad_token_id": 151643,
+        "eos_token_id": [151645, 151643],
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "repetition_penalty": 1.05,
+    }
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000, like transformers' max_shard_size."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size such as '500MB' or '5GB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+               dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, generation_config.json and the weights (sharded past max_shard_size)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    state = {name: p.detach() for name, p in model.named_parameters()}  # tied: no lm_head.weight
+    dtype = dtype or next(iter(state.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, t in state.items():
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and used + nbytes > limit:
+            shards.append({})
+            used = 0
+        shards[-1][name] = t
+        used += nbytes
+
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    tag = uuid.uuid4().hex[:8]
+    temps = [out / f".{name}.{tag}.tmp" for name in names]
+    try:
+        for temp, shard in zip(temps, shards):
+            tensors = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in shard.items()}
+            save_file(tensors, str(temp), metadata={"format": "pt"})
+            del tensors
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
+    for temp, name in zip(temps, names):
+        os.replace(temp, out / name)
+
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", model.generation_config or default_generation_config(model.config))
+    index = out / INDEX_FILE
+    if len(shards) > 1:
+        total = sum(t.numel() * dtype.itemsize for t in state.values())
+        weight_map = {k: names[i] for i, shard in enumerate(shards) for k in shard}
+        _write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    # Shards of an earlier save that this one does not use would be read by a loader globbing files.
+    keep = set(names)
+    for old in out.glob("model*.safetensors"):
+        if old.name not in keep:
+            old.unlink()
+    if len(shards) == 1 and index.exists():
+        index.unlink()
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,303 @@
+"""The Qwen2.5 network, natively in PyTorch.
+
+Decoder-only: token embeddings, then blocks of RMSNorm -> grouped-query attention (q/k/v bias,
+rotary positions in the rotate-half layout, optional YaRN) -> RMSNorm -> SwiGLU MLP, each with a
+residual, then a final RMSNorm and the LM head (tied to the embeddings in the small sizes).
+
+Parameter names are Hugging Face's, so a checkpoint loads with no key map and saves back the same.
+Shapes: B batch, T new tokens, S key slots, H query heads, K kv heads, D head dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.config import QwenConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32, scale in the input dtype: the order the reference uses, so bf16 matches.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for explicit positions; YaRN rescales the frequencies and the magnitude."""
+
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.dim_per_head // 2), persistent=False)
+        self.mscale = config.rope_scaling.mscale if config.rope_scaling else 1.0
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute inv_freq; needed after building on the meta device."""
+        c, dim = self.config, self.config.dim_per_head
+        device = device or self.inv_freq.device
+        if device == torch.device("meta"):
+            return
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+        inv_freq = 1.0 / (c.rope_theta ** exponents)  # (D/2,)
+        if c.rope_scaling is not None:
+            inv_freq = _yarn_inv_freq(inv_freq, c.rope_theta, dim, c.rope_scaling)
+        self.inv_freq = inv_freq
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, base: float, dim: int, s) -> torch.Tensor:
+    """YaRN (arXiv:2309.00071): interpolate low frequencies by `factor`, keep high ones, ramp between."""
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(s.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32, device=inv_freq.device) - low) / max(high - low, 1e-3)
+    keep = 1 - ramp.clamp(0, 1)  # 1: extrapolate (high frequency), 0: interpolate
+    return inv_freq / s.factor * (1 - keep) + inv_freq * keep
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, D); cos, sin (B, T, D)
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """A static, preallocated key/value cache for every layer.
+
+    Slots are shared by the rows of a batch (slot t holds each row's t-th fed token); `valid` marks
+    the slots that hold real tokens, so left-padded rows mask their padding, and each row's rotary
+    position counts only its own real tokens.
+    """
+
+    def __init__(self, config: QwenConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.dim_per_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled so far
+        self.max_len = max_len
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int):
+        super().__init__()
+        C, H, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.dim_per_head
+        self.n_heads, self.n_kv, self.head_dim, self.layer_idx = H, K, D, layer_idx
+        self.q_proj = nn.Linear(C, H * D, bias=config.attention_bias)
+        self.k_proj = nn.Linear(C, K * D, bias=config.attention_bias)
+        self.v_proj = nn.Linear(C, K * D, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[self.layer_idx][:, :, start:end] = k
+            cache.v[self.layer_idx][:, :, start:end] = v
+            k, v = cache.k[self.layer_idx][:, :, :end], cache.v[self.layer_idx][:, :, :end]  # (B, K, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and the final norm: HF's `model.` prefix."""
+
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, vocab); only the last `logits_to_keep` positions when that is set
+    loss: torch.Tensor | None = None
+
+
+class QwenForCausalLM(nn.Module):
+    """The Qwen2.5 causal language model. Build on the meta device and load to avoid a second copy."""
+
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config: dict = {}  # from the checkpoint's generation_config.json
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "QwenForCausalLM":
+        """Initialize for training from scratch: N(0, initializer_range) weights, zero biases, unit norms."""
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=gen)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        self.model.rotary_emb.reset_buffers()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T), 1 for real tokens and 0 for padding (left or right).
+            labels: (B, T) targets, aligned with input_ids (the shift happens here); -100 is ignored.
+            position_ids: (B, T) explicit positions. Without a cache, a position that restarts at 0
+                starts a new packed sample, and tokens never attend across samples.
+            cache: a KVCache to read and extend (generation); its length advances by T.
+            logits_to_keep: compute logits for the last N positions only (0: all).
+        """
+        B, T = input_ids.shape
+        mask, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids, cache)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = F.linear(x, self.output_weight())  # (B, T, vocab)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def _mask_and_positions(self, input_ids, attention_mask, position_ids, cache):
+        """A boolean (B, 1, T, S) mask, True where a query may attend, and (B, T) rotary positions."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        past = 0 if cache is None else cache.length
+        packed = position_ids is not None and cache is None
+        if cache is not None:
+            if past + T > cache.max_len:
+                raise ValueError(f"the KV cache holds {cache.max_len} tokens; {past} + {T} do not fit")
+            cache.valid[:, past:past + T] = real
+            keys_real = cache.valid[:, :past + T]  # (B, S)
+        else:
+            keys_real = real
+        if position_ids is None:
+            # Each row counts its own real tokens, so left padding does not shift positions.
+            before = keys_real[:, :past].sum(-1, keepdim=True) if past else 0
+            position_ids = (before + real.long().cumsum(-1) - 1).clamp(min=0)
+        q_slot = torch.arange(past, past + T, device=device)
+        k_slot = torch.arange(past + T, device=device)
+        mask = (k_slot[None, :] <= q_slot[:, None])[None] & keys_real[:, None, :]  # (B, T, S)
+        if packed:
+            # Packed samples: a sample starts where the position resets to 0.
+            sample = (position_ids == 0).cumsum(-1)  # (B, T)
+            mask = mask & (sample[:, :, None] == sample[:, None, :])
+        # A query always sees itself, so padding queries never meet an all-masked row (NaN in SDPA).
+        mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
+        return mask[:, None], position_ids
+
+    def save_pretrained(self, out_dir, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:
+        """Write a Hugging Face checkpoint folder that transformers loads unchanged."""
+        from qwenkit.checkpoint import save_model
+
+        save_model(self, out_dir, max_shard_size=max_shard_size, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "QwenForCausalLM":
+        from qwenkit.checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """HF-style generation: returns the prompt followed by the new tokens. See qwenkit.generate."""
+        from qwenkit.generate import generate_ids
+
+        return generate_ids(self, input_ids, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labels that are not -100; computed in fp32."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position t predicts t+1
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)
