@@ -17,6 +17,8 @@ _EXPORTS = {
     "load_model": "qwenkit.checkpoint",
     "Tokenizer": "qwenkit.tokenizer",
     "load_tokenizer": "qwenkit.tokenizer",
+    "StreamDecoder": "qwenkit.tokenizer",
+    "encode_chat": "qwenkit.chat",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -12,8 +12,9 @@ import argparse
 import inspect
 import re
 import sys
+import types
 import typing
-from pathlib import Path
+from typing import Literal
 
 COMMANDS: dict[str, typing.Callable] = {}
 
@@ -29,7 +30,7 @@ class UserError(Exception):
 
 @command
 def new(*, out: str, preset: str = "qwen2.5-0.5b", layers: int | None = None, vocab_size: int | None = None,
-        seed: int = 0, dtype: str = "bfloat16", tokenizer: bool = True) -> None:
+        seed: int = 0, dtype: Literal["float32", "bfloat16"] = "bfloat16", tokenizer: bool = True) -> None:
     """Write a random-init checkpoint folder at any Qwen2.5 preset, for tests, demos and benchmarks.
 
     The folder is a standard Hugging Face checkpoint (config.json, safetensors, generation_config.json,
@@ -42,7 +43,7 @@ def new(*, out: str, preset: str = "qwen2.5-0.5b", layers: int | None = None, vo
         vocab_size: embedding rows (default: the preset's; never below the tokenizer's 151665 if
             you want to use the tokenizer).
         seed: random seed of the initialization.
-        dtype: float32 or bfloat16 (what the weights are saved as).
+        dtype: what the weights are saved as.
         tokenizer: also write the built-in Qwen2.5 tokenizer files.
     """
     import dataclasses
@@ -55,6 +56,11 @@ def new(*, out: str, preset: str = "qwen2.5-0.5b", layers: int | None = None, vo
     config = get_preset(preset)
     changes = {k: v for k, v in (("num_hidden_layers", layers), ("vocab_size", vocab_size)) if v is not None}
     config = dataclasses.replace(config, **changes)
+    if tokenizer and config.vocab_size < 151665:
+        raise UserError(
+            f"--vocab-size {config.vocab_size} is smaller than the Qwen2.5 tokenizer (151665 "
+            f"tokens); pass --no-tokenizer for a model that will not be used with it"
+        )
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     model.to_empty(device="cpu").init_weights(seed=seed)
@@ -70,7 +76,7 @@ def new(*, out: str, preset: str = "qwen2.5-0.5b", layers: int | None = None, vo
 @command
 def generate(*, model: str, prompt: str, max_new_tokens: int = 64, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-             chat: bool = True, dtype: str = "float32") -> None:
+             chat: bool = True, dtype: Literal["float32", "bfloat16"] = "float32") -> None:
     """Generate a completion for one prompt and print it.
 
     Sampling defaults come from the checkpoint's generation_config.json; temperature 0 is greedy.
@@ -84,7 +90,7 @@ def generate(*, model: str, prompt: str, max_new_tokens: int = 64, temperature: 
         top_k: sample among the k most likely tokens.
         seed: random seed, to reproduce a sampled run.
         chat: wrap the prompt in the chat template (--no-chat: plain text).
-        dtype: float32 or bfloat16.
+        dtype: the weights' dtype in memory (float16 is not offered: it overflows on Qwen2.5).
     """
     from qwenkit.checkpoint import load_model
     from qwenkit.tokenizer import load_tokenizer
@@ -127,9 +133,21 @@ def _arg_help(doc: str) -> dict[str, str]:
     return helps
 
 
-def _base_type(annotation) -> type:
+def _flag_options(annotation, default, text: str) -> dict:
+    """argparse keywords for one parameter: its type (Optional unwrapped), Literal choices, help."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
+    kind = args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) else annotation
+    options: dict = {"help": text}
+    if typing.get_origin(kind) is Literal:
+        options["choices"] = typing.get_args(kind)
+        kind = type(options["choices"][0])
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    else:
+        options["type"] = kind
+    if default not in (None, inspect.Parameter.empty) and "default" not in text:
+        options["help"] = f"{text} (default: {default})"
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,22 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
         doc = inspect.getdoc(fn) or ""
         summary = doc.split("\n\n")[0]
         description = doc.split("Args:")[0].strip()
-        p = sub.add_parser(name, help=summary, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=summary, description=description)
         helps = _arg_help(doc)
         hints = typing.get_type_hints(fn)
         for param in inspect.signature(fn).parameters.values():
-            kind = _base_type(hints[param.name])
-            flag = "--" + param.name.replace("_", "-")
-            text = helps.get(param.name, "")
+            options = _flag_options(hints[param.name], param.default, helps.get(param.name, ""))
             if param.default is inspect.Parameter.empty and param.kind is param.POSITIONAL_OR_KEYWORD:
-                p.add_argument(param.name, type=kind, help=text)
+                p.add_argument(param.name, **options)
             elif param.default is inspect.Parameter.empty:
-                p.add_argument(flag, type=kind, required=True, help=text)
-            elif kind is bool:
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=text)
+                p.add_argument("--" + param.name.replace("_", "-"), required=True, **options)
             else:
-                p.add_argument(flag, type=kind, default=param.default, help=text)
+                p.add_argument("--" + param.name.replace("_", "-"), default=param.default, **options)
     return parser
 
 
