@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qwenkit.config import QwenConfig
 
@@ -185,6 +186,7 @@ class QwenForCausalLM(nn.Module):
         self.model = Backbone(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config: dict = {}  # from the checkpoint's generation_config.json
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
 
     @property
     def device(self) -> torch.device:
@@ -230,20 +232,26 @@ class QwenForCausalLM(nn.Module):
             cache: a KVCache to read and extend (generation); its length advances by T.
             logits_to_keep: compute logits for the last N positions only (0: all).
         """
-        B, T = input_ids.shape
-        mask, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids, cache)
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
-        x = self.model.norm(x)
+        x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = F.linear(x, self.output_weight())  # (B, T, vocab)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, C), before the LM head: what a chunked loss needs."""
+        mask, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids, cache)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.model.norm(x)
 
     def _mask_and_positions(self, input_ids, attention_mask, position_ids, cache):
         """A boolean (B, 1, T, S) mask, True where a query may attend, and (B, T) rotary positions."""
