@@ -19,6 +19,8 @@ _EXPORTS = {
     "load_tokenizer": "qwenkit.tokenizer",
     "StreamDecoder": "qwenkit.tokenizer",
     "encode_chat": "qwenkit.chat",
+    "quantize": "qwenkit.quant",
+    "SamplingParams": "qwenkit.generate",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -250,6 +250,8 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike, max_shard_siz
     """Write config.json, generation_config.json and the weights (sharded past max_shard_size)."""
     from safetensors.torch import save_file
 
+    if getattr(model, "quantized", False):
+        raise ValueError("this model is int8-quantized for inference; save the original (unquantized) model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)

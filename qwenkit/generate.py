@@ -5,7 +5,7 @@ layer up. Defaults come from the checkpoint's generation_config.json.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -21,7 +21,9 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # on prompt and output tokens, as transformers
+    presence_penalty: float = 0.0  # on output tokens, as OpenAI and vLLM
+    frequency_penalty: float = 0.0
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     seed: int | None = None
@@ -67,8 +69,24 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0:
         return logits
     picked = logits.gather(-1, seen)
-    logits = logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
-    return logits
+    return logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
+def apply_output_penalties(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far; counts (B, vocab)."""
+    return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def context_length(config) -> int:
+    """How many positions the model serves: YaRN stretches the original window by its factor."""
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        return max(config.max_position_embeddings, int(s.original_max_position_embeddings * s.factor))
+    return config.max_position_embeddings
+
+
+class ContextLengthError(ValueError):
+    """The prompt alone does not fit in the model's context."""
 
 
 @torch.inference_mode()
@@ -85,33 +103,48 @@ def decode_step(model: QwenForCausalLM, tokens: torch.Tensor, cache: KVCache) ->
 
 
 def generate(model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             params: SamplingParams | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), until each row has met an eos or max_new_tokens.
+             params: SamplingParams | None = None,
+             stop_rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), until each row has finished.
 
-    A row that has finished keeps yielding the pad id while the others go on.
+    A row finishes on an eos id, after max_new_tokens, at the context length, or when `stop_rows`
+    (called with each step's tokens) marks it: the hook for stop strings, which need text. A
+    finished row yields the pad id while the others go on.
     """
     p = params or SamplingParams.from_model(model)
     B, T = input_ids.shape
-    if T + p.max_new_tokens > model.config.max_position_embeddings and model.config.rope_scaling is None:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({p.max_new_tokens}) exceed the context "
-                         f"length ({model.config.max_position_embeddings})")
+    limit = context_length(model.config)
+    if T >= limit:
+        raise ContextLengthError(f"the prompt has {T} tokens; the model's context holds {limit}, "
+                                 f"so no token can be generated. Shorten the prompt.")
+    max_new = min(p.max_new_tokens, limit - T)
     generator = None
     if p.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(p.seed)
     pad = p.pad_token_id if p.pad_token_id is not None else (p.eos_token_id[0] if p.eos_token_id else 0)
     eos = torch.tensor(p.eos_token_id, dtype=torch.long, device=input_ids.device)
-    cache = KVCache(model.config, B, T + p.max_new_tokens, dtype=model.dtype, device=input_ids.device)
-    seen = input_ids.clone() if attention_mask is None else input_ids.masked_fill(attention_mask == 0, pad)
+    cache = KVCache(model.config, B, T + max_new, dtype=model.dtype, device=input_ids.device)
+    seen = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, pad)
+    counts = None
+    if p.presence_penalty or p.frequency_penalty:
+        counts = torch.zeros(B, model.config.vocab_size, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits = prefill(model, input_ids, attention_mask, cache)
-    for step in range(p.max_new_tokens):
+    for step in range(max_new):
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+        if counts is not None:
+            logits = apply_output_penalties(logits.float(), counts, p)
         token = sample(logits, p, generator).masked_fill(done, pad)
         yield token
         done |= torch.isin(token, eos)
-        if done.all() or step == p.max_new_tokens - 1:
+        if stop_rows is not None and (stopped := stop_rows(token)) is not None:
+            done |= stopped
+        if done.all() or step == max_new - 1:
             return
-        seen = torch.cat([seen, token[:, None]], dim=1)
+        if p.repetition_penalty != 1.0:
+            seen = torch.cat([seen, token[:, None]], dim=1)
+        if counts is not None:
+            counts[torch.arange(B), token] += (~done).float()
         logits = decode_step(model, token, cache)
 
 

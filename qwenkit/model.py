@@ -235,7 +235,7 @@ class QwenForCausalLM(nn.Module):
         x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = F.linear(x, self.output_weight())  # (B, T, vocab)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.output_weight())  # (B, T, vocab)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
