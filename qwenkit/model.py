@@ -23,6 +23,33 @@ from qwenkit.config import QwenConfig
 IGNORE_INDEX = -100
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that a product with a few rows (decoding) runs on every core.
+
+    A single-row matmul on CPU runs on one core and reaches about half of the memory bandwidth
+    that decoding is bound by. Viewing the weight's rows as one block per thread (a view, no
+    copy) makes it one batched matmul that the threads share.
+    """
+    parts = torch.get_num_threads()
+    out, inp = weight.shape
+    if parts < 2 or x.device.type != "cpu" or x.numel() > _FEW_ROWS * inp or out % parts:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(1, -1, inp).expand(parts, -1, -1)  # (P, N, in)
+    blocks = weight.view(parts, out // parts, inp).transpose(1, 2)  # (P, in, out/P)
+    y = torch.bmm(rows, blocks).transpose(0, 1).reshape(*x.shape[:-1], out)  # (..., out)
+    return y if bias is None else y + bias
+
+
+_FEW_ROWS = 8  # up to here the batched matmul wins (measured in benchmarks/bench_generate.py)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear`: same parameters and names, decoding on every core."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -114,10 +141,10 @@ class Attention(nn.Module):
         super().__init__()
         C, H, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.dim_per_head
         self.n_heads, self.n_kv, self.head_dim, self.layer_idx = H, K, D, layer_idx
-        self.q_proj = nn.Linear(C, H * D, bias=config.attention_bias)
-        self.k_proj = nn.Linear(C, K * D, bias=config.attention_bias)
-        self.v_proj = nn.Linear(C, K * D, bias=config.attention_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.q_proj = Linear(C, H * D, bias=config.attention_bias)
+        self.k_proj = Linear(C, K * D, bias=config.attention_bias)
+        self.v_proj = Linear(C, K * D, bias=config.attention_bias)
+        self.o_proj = Linear(H * D, C, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -139,9 +166,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: QwenConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -184,7 +211,7 @@ class QwenForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config: dict = {}  # from the checkpoint's generation_config.json
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
@@ -235,7 +262,7 @@ class QwenForCausalLM(nn.Module):
         x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.output_weight())  # (B, T, vocab)
+        logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.output_weight())  # (B, T, vocab)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 

@@ -1,0 +1,227 @@
+"""Generation speed: qwenkit against transformers' `generate`, same checkpoint, same prompts.
+
+A random-init Qwen2.5-0.5B-shaped checkpoint (made by `qwenkit new`), greedy, a 128-token prompt
+and 64 new tokens, fp32 and bf16, batch 1 and 8. Each library runs its own `generate`, alternating,
+best of --repeats. Prefill is the time to the first token; decode is the rest. The roofline is
+the bytes of weights read per decoded token against this machine's read bandwidth, measured here.
+
+    python benchmarks/bench_generate.py [--repeats 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT, NEW = 128, 64
+
+
+def status_kb(field: str) -> int:
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+
+
+def reset_peak() -> int:
+    """Reset the RSS high-water mark; returns the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kb("VmRSS")
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second that a full-width reduction reads from memory (the buffer is far larger
+    than any cache); the best of a few runs."""
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(repeats))
+    return buf.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_bytes(model) -> int:
+    """Bytes of weights read per decoded token: all of them but the embedding table, of which one
+    row is looked up; unless the head is tied to it, when the head reads it whole."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    table = model.model.embed_tokens.weight
+    return total - (table.numel() * table.element_size() if model.lm_head is not None else 0)
+
+
+def ensure_checkpoint(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "qwenkit", "new", "--preset", "qwen2.5-0.5b", "--seed", "0",
+                        "--out", str(path), "--no-tokenizer"], check=True)
+    return path
+
+
+def run_qwenkit(model, ids, mask, n):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=[])
+
+
+def run_hf(model, ids, mask, n):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+
+
+def measure(fn, model, ids, mask):
+    """(prefill s, decode s for NEW-1 tokens, output ids)."""
+    gc.collect()
+    with torch.inference_mode():
+        prefill = _timed(lambda: fn(model, ids, mask, 1))
+        t = time.perf_counter()
+        out = fn(model, ids, mask, NEW)
+        total = time.perf_counter() - t
+    return prefill, max(total - prefill, 1e-9), out
+
+
+def probe_memory(library: str, folder: str, dtype_name: str, batch: int) -> None:
+    """Run in a fresh process: load one library's model and generate; print the peak resident
+    memory above the process's state after its imports (weights + loading + generation)."""
+    dtype = getattr(torch, dtype_name)
+    if library == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        load = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()  # noqa: E731
+        run = run_hf
+    else:
+        import qwenkit
+
+        load = lambda: qwenkit.load_model(folder, dtype=dtype)  # noqa: E731
+        run = run_qwenkit
+    torch.ones(1)
+    base = reset_peak()
+    model = load()
+    ids = torch.randint(0, 151643, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+    with torch.inference_mode():
+        run(model, ids, torch.ones_like(ids), NEW)
+    print(status_kb("VmHWM") - base)
+
+
+def peak_memory(library: str, folder: Path, dtype: torch.dtype, batch: int) -> int:
+    result = subprocess.run([sys.executable, __file__, "--probe", library, str(folder),
+                             str(dtype).removeprefix("torch."), str(batch)],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        return probe_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--int8", action="store_true", help="also compare int8 weight-only quantization")
+    parser.add_argument("--quick", action="store_true", help="batch 1, fp32 only (a smoke run)")
+    parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "bench-qwen2.5-0.5b"))
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    import qwenkit
+
+    folder = ensure_checkpoint(Path(args.checkpoint))
+    bandwidth = read_bandwidth()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    batches = [1] if args.quick else [1, 8]
+    rows = []
+    for dtype in dtypes:
+        ours = qwenkit.load_model(folder, dtype=dtype)
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        roofline = bandwidth / decode_bytes(ours)  # tokens/s at batch 1: every weight read once per token
+        for batch in batches:
+            gen = torch.Generator().manual_seed(batch)
+            ids = torch.randint(0, 151643, (batch, PROMPT), generator=gen)
+            mask = torch.ones_like(ids)
+            results = {}
+            for _ in range(args.repeats):  # alternate the libraries, keep each one's best
+                for name, fn, model in (("qwenkit", run_qwenkit, ours), ("transformers", run_hf, theirs)):
+                    r = measure(fn, model, ids, mask)
+                    old = results.get(name)
+                    results[name] = r if old is None else (min(old[0], r[0]), min(old[1], r[1]), r[2])
+            same = torch.equal(results["qwenkit"][2], results["transformers"][2])
+            match = (results["qwenkit"][2][:, PROMPT:] == results["transformers"][2][:, PROMPT:]).float().mean().item()
+            row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "same": same, "match": match,
+                   "roofline": roofline}
+            for name, (pre, dec, _) in results.items():
+                row[name] = (batch * PROMPT / pre, batch * (NEW - 1) / dec, peak_memory(name, folder, dtype, batch))
+            rows.append(row)
+            print(format_row(row), flush=True)
+        del ours, theirs
+        gc.collect()
+    print()
+    print(table(rows, bandwidth))
+    if args.int8:
+        print()
+        print(int8_report(folder, bandwidth, args.repeats))
+
+
+def int8_report(folder: Path, bandwidth: float, repeats: int) -> str:
+    """qwenkit int8 against qwenkit fp32 and bf16 at batch 1: weight memory, decode speed, and
+    agreement (greedy tokens, logits) with the fp32 model."""
+    import qwenkit
+
+    ids = torch.randint(0, 151643, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    reference = qwenkit.load_model(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        ref_logits = reference(ids).logits
+    ref_out = None
+    lines = ["| model | weight MiB | decode tok/s (batch 1) | share of roofline | greedy tokens equal to fp32 | "
+             "logit error vs fp32 (max / mean) |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for name in ("float32", "bfloat16", "int8"):
+        model = reference if name == "float32" else qwenkit.load_model(
+            folder, dtype=torch.bfloat16 if name == "bfloat16" else torch.float32)
+        if name == "int8":
+            qwenkit.quantize(model)
+        nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        read = decode_bytes(model)
+        decode = min(measure(run_qwenkit, model, ids, mask)[1] for _ in range(repeats))
+        out = run_qwenkit(model, ids, mask, NEW)
+        ref_out = out if ref_out is None else ref_out
+        with torch.inference_mode():
+            err = (model(ids).logits.float() - ref_logits).abs()
+        tok_s = (NEW - 1) / decode
+        lines.append(f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {tok_s / (bandwidth / read):.0%} | "
+                     f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
+                     f"{err.max():.3f} / {err.mean():.4f} |")
+    return "\n".join(lines)
+
+
+def format_row(r) -> str:
+    q, t = r["qwenkit"], r["transformers"]
+    return (f"{r['dtype']} batch {r['batch']}: prefill {q[0]:.0f} vs {t[0]:.0f} tok/s ({q[0] / t[0]:.2f}x), "
+            f"decode {q[1]:.1f} vs {t[1]:.1f} tok/s ({q[1] / t[1]:.2f}x), peak {q[2] / 2**20:.0f} vs "
+            f"{t[2] / 2**20:.0f} MiB, same tokens: {r['same']} ({r['match']:.0%})")
+
+
+def table(rows, bandwidth) -> str:
+    lines = ["| dtype | batch | prefill tok/s qwenkit / transformers (ratio) | decode tok/s qwenkit / transformers "
+             "(ratio) | decode share of roofline (qwenkit / transformers) | peak MiB (load + generate) qwenkit / "
+             "transformers | same tokens |",
+             "| --- | ---: | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        q, t = r["qwenkit"], r["transformers"]
+        share = (f"{q[1] / r['roofline']:.0%} / {t[1] / r['roofline']:.0%} of {r['roofline']:.1f} tok/s"
+                 if r["batch"] == 1 else "")
+        lines.append(f"| {r['dtype']} | {r['batch']} | {q[0]:.0f} / {t[0]:.0f} ({q[0] / t[0]:.2f}x) | "
+                     f"{q[1]:.1f} / {t[1]:.1f} ({q[1] / t[1]:.2f}x) | {share} | {q[2] / 2**20:.0f} / "
+                     f"{t[2] / 2**20:.0f} | {'yes' if r['same'] else format(r['match'], '.0%')} |")
+    lines.append(f"\nRead bandwidth measured: {bandwidth / 1e9:.1f} GB/s.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
