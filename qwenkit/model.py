@@ -115,11 +115,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """A static, preallocated key/value cache for every layer.
+    """A static, preallocated key/value cache for every layer, with a fill length per row.
 
-    Slots are shared by the rows of a batch (slot t holds each row's t-th fed token); `valid` marks
-    the slots that hold real tokens, so left-padded rows mask their padding, and each row's rotary
-    position counts only its own real tokens.
+    Row b's tokens occupy its slots 0..lengths[b]-1; `valid` marks the slots that hold real tokens
+    (left padding does not), and a row's rotary positions count only its valid slots. Rows move
+    on their own: a row can be reset and refilled (through `rows`) while the others decode, and a
+    step whose mask is all zeros for a row leaves that row where it was.
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_len: int,
@@ -127,13 +128,26 @@ class KVCache:
         shape = (batch_size, config.num_key_value_heads, max_len, config.dim_per_head)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length = 0  # slots filled so far
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.max_len = max_len
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start:stop that shares this one's storage (views, no copy)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.valid, view.lengths, view.max_len = self.valid[start:stop], self.lengths[start:stop], self.max_len
+        return view
 
     def reset(self) -> None:
         self.valid.zero_()
-        self.length = 0
+        self.lengths.zero_()
+
+
+def cache_slots(cache: KVCache, T: int) -> torch.Tensor:
+    """(B, T) slots of T new tokens: each row continues from its own length."""
+    return cache.lengths[:, None] + torch.arange(T, device=cache.lengths.device)
 
 
 class Attention(nn.Module):
@@ -153,9 +167,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[self.layer_idx][:, :, start:end] = k
-            cache.v[self.layer_idx][:, :, start:end] = v
+            end = mask.shape[-1]  # slots in use: up to the longest row's new end
+            index = cache_slots(cache, T)[:, None, :, None].expand_as(k)  # (B, K, T, D)
+            cache.k[self.layer_idx].scatter_(2, index, k)
+            cache.v[self.layer_idx].scatter_(2, index, v)
             k, v = cache.k[self.layer_idx][:, :, :end], cache.v[self.layer_idx][:, :, :end]  # (B, K, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
@@ -277,7 +292,8 @@ class QwenForCausalLM(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.length += input_ids.shape[1]
+            moved = torch.ones_like(cache.lengths, dtype=torch.bool) if attention_mask is None else attention_mask.any(-1)
+            cache.lengths += input_ids.shape[1] * moved  # a row with no real token this step stays put
         return self.model.norm(x)
 
     def _mask_and_positions(self, input_ids, attention_mask, position_ids, cache):
@@ -285,28 +301,29 @@ class QwenForCausalLM(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        past = 0 if cache is None else cache.length
         packed = position_ids is not None and cache is None
         if cache is not None:
-            if past + T > cache.max_len:
-                raise ValueError(f"the KV cache holds {cache.max_len} tokens; {past} + {T} do not fit")
-            cache.valid[:, past:past + T] = real
-            keys_real = cache.valid[:, :past + T]  # (B, S)
+            q_slot = cache_slots(cache, T)  # (B, T): where each new token goes
+            end = int(q_slot.max()) + 1
+            if end > cache.max_len:
+                raise ValueError(f"the KV cache holds {cache.max_len} tokens per row; {end} do not fit")
+            before = cache.valid.sum(-1, keepdim=True)  # (B, 1): real tokens already cached
+            cache.valid.scatter_(1, q_slot, real)
+            keys_real = cache.valid[:, :end]  # (B, S)
         else:
-            keys_real = real
+            q_slot = torch.arange(T, device=device).expand(B, T)
+            end, before, keys_real = T, 0, real
         if position_ids is None:
             # Each row counts its own real tokens, so left padding does not shift positions.
-            before = keys_real[:, :past].sum(-1, keepdim=True) if past else 0
             position_ids = (before + real.long().cumsum(-1) - 1).clamp(min=0)
-        q_slot = torch.arange(past, past + T, device=device)
-        k_slot = torch.arange(past + T, device=device)
-        mask = (k_slot[None, :] <= q_slot[:, None])[None] & keys_real[:, None, :]  # (B, T, S)
+        k_slot = torch.arange(end, device=device)
+        mask = (k_slot <= q_slot[..., None]) & keys_real[:, None, :]  # (B, T, S)
         if packed:
             # Packed samples: a sample starts where the position resets to 0.
             sample = (position_ids == 0).cumsum(-1)  # (B, T)
             mask = mask & (sample[:, :, None] == sample[:, None, :])
         # A query always sees itself, so padding queries never meet an all-masked row (NaN in SDPA).
-        mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
+        mask = mask | (k_slot == q_slot[..., None])
         return mask[:, None], position_ids
 
     def save_pretrained(self, out_dir, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:
