@@ -280,7 +280,9 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike, max_shard_siz
         for temp in temps:
             temp.unlink(missing_ok=True)
         raise
+    mode = 0o666 & ~_umask()  # safetensors writes 0600; a checkpoint is as readable as any file
     for temp, name in zip(temps, names):
+        os.chmod(temp, mode)
         os.replace(temp, out / name)
 
     config = model.config.to_hf_dict()
@@ -300,6 +302,12 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike, max_shard_siz
     if len(shards) == 1 and index.exists():
         index.unlink()
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, obj) -> None:

