@@ -50,3 +50,11 @@ def tok_hf(tok_saved_dir):
 def tok_official_template():
     """Qwen2.5-7B-Instruct's chat template, from the tests' fixtures (see fixtures/README.md)."""
     return (FIXTURES / "qwen2_5_instruct_chat_template.jinja").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(qwenkit_cache):
+    """The default model (SmolLM2-135M-Instruct), fetched and converted once into the session cache."""
+    from qwenkit.models import resolve_model
+
+    return resolve_model(None)
