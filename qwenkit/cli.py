@@ -219,6 +219,13 @@ def convert_gguf(file: str, *, out: str, dtype: Literal["float32", "bfloat16"] =
     print(convert(file, out, dtype=dtype, overwrite=overwrite, progress=True))
 
 
+# The applications (qwenkit/tasks/commands.py): write, qa, translate, sentiment, code, eval.
+from qwenkit.tasks import commands as _tasks  # noqa: E402  (imports neither torch nor the models)
+
+for _fn in (_tasks.write, _tasks.qa, _tasks.translate, _tasks.sentiment, _tasks.code, _tasks.eval_):
+    command(_fn)
+
+
 def _load(model: str | None, dtype: str, quantize: bool):
     from qwenkit.checkpoint import load_model
     from qwenkit.models import resolve_model
@@ -392,12 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, dest=param.name, action="store_true", default=param.default, help=options["help"])
                 p.add_argument(negation.flag, dest=param.name, action="store_false", help=f"the opposite of {flag}")
                 continue
+            flag = "--" + param.name.rstrip("_").replace("_", "-")  # from_ -> --from
             if param.default is inspect.Parameter.empty and param.kind is param.POSITIONAL_OR_KEYWORD:
                 p.add_argument(param.name, **options)
+            elif param.kind is param.POSITIONAL_OR_KEYWORD:  # a positional with a default: optional
+                p.add_argument(param.name, nargs="?", default=param.default, **options)
             elif param.default is inspect.Parameter.empty:
-                p.add_argument("--" + param.name.replace("_", "-"), required=True, **options)
+                p.add_argument(flag, dest=param.name, required=True, **options)
             else:
-                p.add_argument("--" + param.name.replace("_", "-"), default=param.default, **options)
+                p.add_argument(flag, dest=param.name, default=param.default, **options)
     return parser
 
 
