@@ -17,10 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: a random-init Qwen2.5 checkpoint, then generation from it.
+# The main job: the five applications on the default model, then a short LoRA fine-tune.
 demo: setup
-	$(VENV)/bin/qwenkit new --preset qwen2.5-0.5b --layers 2 --seed 0 --out runs/demo-model
-	$(VENV)/bin/qwenkit generate --model runs/demo-model --prompt "The capital of France is" --max-new-tokens 16
+	$(VENV)/bin/qwenkit demo
 
 test: setup
 	$(PY) -m pytest -q
