@@ -249,6 +249,30 @@ for _fn in (_tasks.write, _tasks.qa, _tasks.translate, _tasks.sentiment, _tasks.
     command(_fn)
 
 
+@command(name="convert merge-lora")
+def convert_merge_lora(*, model: str, adapter: str, out: str) -> None:
+    """Merge a LoRA adapter (PEFT format, e.g. from `qwenkit finetune --method lora`) into its base
+    model and write a complete checkpoint folder, whose outputs equal base plus adapter.
+
+    Args:
+        model: the base checkpoint folder.
+        adapter: the adapter folder (adapter_config.json, adapter_model.safetensors).
+        out: the folder to write.
+    """
+    from qwenkit.lora import merge_checkpoint
+
+    print(merge_checkpoint(model, adapter, out))
+
+
+def _finetune_help() -> None:
+    """Fine-tune a model: full, LoRA or freezing; gradual unfreezing and layer-wise learning rates;
+    evaluation with early stopping; checkpoints and exact resume; FSDP under torchrun.
+
+    `qwenkit finetune CONFIG.yaml [key=value ...]` or the same keys as flags (`qwenkit finetune
+    --model DIR --data FILE --method lora --output DIR`); `qwenkit finetune --help` lists every key.
+    """
+
+
 def _load(model: str | None, dtype: str, quantize: bool):
     from qwenkit.checkpoint import load_model
     from qwenkit.models import resolve_model
@@ -398,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "evaluate and serve the model. `qwenkit COMMAND --help` explains each command.")
     parser.add_argument("--version", action="version", version=f"qwenkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # finetune builds its own flags from the recipe's keys (qwenkit/finetune/cli.py); `main` hands
+    # it the arguments before this parser runs, and this entry only lists it in --help.
+    sub.add_parser("finetune", help=inspect.getdoc(_finetune_help).split("\n\n")[0], add_help=False)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, fn in COMMANDS.items():
         doc = inspect.getdoc(fn) or ""
@@ -441,6 +468,11 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:
+        from qwenkit.finetune.cli import main as finetune_main
+
+        return finetune_main(argv[1:])
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     name = args.pop("command")
@@ -453,10 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     from qwenkit.config import ConfigError
     from qwenkit.generate import ContextLengthError
     from qwenkit.gguf import GGUFError
+    from qwenkit.lora import AdapterError
     from qwenkit.models import ModelError
 
     user_errors = (UserError, ConfigError, CheckpointError, ContextLengthError, GGUFError, ModelError,
-                   FileNotFoundError)
+                   AdapterError, FileNotFoundError)
     try:
         status = COMMANDS[name](**args)
     except user_errors as e:

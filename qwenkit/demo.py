@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -113,6 +114,7 @@ def fine_tune(folder: Path, out: Path, quick: bool) -> list[tuple]:
     cfg = build_config({"model": str(folder), "data": str(data), "output": str(out / "lora"), "method": "lora",
                         "lora_r": 8, "lora_alpha": 16, "lr": 2e-3, "max_steps": 12 if quick else 30,
                         "batch_size": 8, "warmup_steps": 2, "val_fraction": 0.15, "eval_every": 10, "seed": 0})
+    shutil.rmtree(out / "lora", ignore_errors=True)  # a fresh run each time (a run refuses a used folder)
     start = time.perf_counter()
     summary = finetune(cfg, progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
