@@ -22,6 +22,18 @@ def qwenkit_cache(tmp_path_factory):
         os.environ["QWENKIT_CACHE"] = before
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models gain nothing from threads, and on a shared
+    machine OpenMP's barriers cost about 10 ms per op."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tok_qwen(qwenkit_cache):
     """The built-in Qwen2.5 tokenizer, built once for the session."""

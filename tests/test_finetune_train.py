@@ -20,13 +20,7 @@ from reference import random_model, tiny_config
 TINY_RECIPE = Path(__file__).parent.parent / "configs" / "tiny-cpu-lora.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared machine OpenMP's barriers cost ~10 ms per op.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
