@@ -166,6 +166,8 @@ def main() -> None:
     if args.int8:
         print()
         print(int8_report(folder, bandwidth, args.repeats))
+        print()
+        print(agreement_report())
 
 
 def int8_report(folder: Path, bandwidth: float, repeats: int) -> str:
@@ -197,6 +199,41 @@ def int8_report(folder: Path, bandwidth: float, repeats: int) -> str:
         lines.append(f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {tok_s / (bandwidth / read):.0%} | "
                      f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
                      f"{err.max():.3f} / {err.mean():.4f} |")
+    return "\n".join(lines)
+
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
+           "Explain what a neural network is in two sentences.", "Give me three tips for learning French."]
+
+
+def agreement_report() -> str:
+    """On real weights (the default model), how far bf16 and int8 move from fp32: greedy tokens
+    over 64 new tokens of four chat prompts, and the logits on those prompts. Random weights give
+    near-flat logits, where any rounding flips the argmax, so they cannot tell this."""
+    import qwenkit
+    from qwenkit.models import resolve_model
+    from qwenkit.textgen import encode_prompt
+
+    folder = resolve_model(None)
+    tok = qwenkit.load_tokenizer(folder)
+    prompts = [torch.tensor([encode_prompt(tok, p)]) for p in PROMPTS]
+    reference = qwenkit.load_model(folder, dtype=torch.float32)
+    lines = ["| SmolLM2-135M-Instruct (real weights) | greedy tokens equal to fp32 | logit error vs fp32 (max / mean) |",
+             "| --- | ---: | --- |"]
+    with torch.inference_mode():
+        ref = [(reference(ids).logits, run_qwenkit(reference, ids, torch.ones_like(ids), NEW)) for ids in prompts]
+        for name in ("bfloat16", "int8"):
+            model = qwenkit.load_model(folder, dtype=torch.bfloat16 if name == "bfloat16" else torch.float32)
+            if name == "int8":
+                qwenkit.quantize(model)
+            same, total, errs = 0, 0, []
+            for ids, (logits, out) in zip(prompts, ref):
+                mine = run_qwenkit(model, ids, torch.ones_like(ids), NEW)
+                same += int((mine[:, ids.shape[1]:] == out[:, ids.shape[1]:]).sum())
+                total += out.shape[1] - ids.shape[1]
+                errs.append((model(ids).logits.float() - logits).abs())
+            err = torch.cat([e.flatten() for e in errs])
+            lines.append(f"| {name} | {same / total:.0%} | {err.max():.3f} / {err.mean():.4f} |")
     return "\n".join(lines)
 
 
