@@ -32,7 +32,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     parts = torch.get_num_threads()
     out, inp = weight.shape
-    if parts < 2 or x.device.type != "cpu" or x.numel() > _FEW_ROWS * inp or out % parts:
+    if (parts < 2 or x.device.type != "cpu" or x.numel() > _FEW_ROWS * inp or out % parts
+            or torch.is_grad_enabled() or not weight.is_contiguous()):  # inference only; training: F.linear
         return F.linear(x, weight, bias)
     rows = x.reshape(1, -1, inp).expand(parts, -1, -1)  # (P, N, in)
     blocks = weight.view(parts, out // parts, inp).transpose(1, 2)  # (P, in, out/P)
