@@ -274,18 +274,9 @@ def _finetune_help() -> None:
 
 
 def _load(model: str | None, dtype: str, quantize: bool):
-    from qwenkit.checkpoint import load_model
-    from qwenkit.models import resolve_model
-    from qwenkit.tokenizer import load_tokenizer
+    from qwenkit.models import load
 
-    folder = resolve_model(model)
-    m = load_model(folder, dtype=_dtype(dtype))
-    tok = load_tokenizer(folder)
-    if quantize:
-        from qwenkit.quant import quantize as to_int8
-
-        to_int8(m)
-    return m, tok
+    return load(model, _dtype(dtype), quantize)
 
 
 def _sampling(m, **overrides):

@@ -130,14 +130,12 @@ def fine_tune(folder: Path, out: Path, quick: bool) -> list[tuple]:
 
 
 def run(model: str | None = None, out: str = "runs/demo", quick: bool = False) -> int:
-    from qwenkit.checkpoint import load_model
-    from qwenkit.models import resolve_model
-    from qwenkit.tokenizer import load_tokenizer
+    from qwenkit.models import load, resolve_model
 
     torch.manual_seed(0)
     start = time.perf_counter()
     folder = resolve_model(model)
-    m, tok = load_model(folder), load_tokenizer(folder)
+    m, tok = load(folder)
     name = "SmolLM2-135M-Instruct, the default 135M stand-in" if model in (None, "default") else str(folder)
     heading(f"1. The five applications on the deep-dive's prompts (model: {name})")
     rows = applications(m, tok, quick)

@@ -85,6 +85,23 @@ def resolve_model(name: str | os.PathLike | None = None) -> Path:
     return resolve_model_path(name)
 
 
+def load(name: str | os.PathLike | None = None, dtype=None, quantize: bool = False):
+    """(model, tokenizer) for a `--model` value: what every command that runs a model starts with.
+
+    Args:
+        name: as for `resolve_model` (None or "default": the default model).
+        dtype: the weights' torch dtype in memory (default: `load_model`'s).
+        quantize: make the model weight-only int8 (`qwenkit.quantize`).
+    """
+    from qwenkit.checkpoint import load_model
+    from qwenkit.quant import quantize as to_int8
+    from qwenkit.tokenizer import load_tokenizer
+
+    folder = resolve_model(name)
+    model, tok = load_model(folder, dtype=dtype), load_tokenizer(folder)
+    return (to_int8(model) if quantize else model), tok
+
+
 def _say(message: str) -> None:
     print(f"qwenkit: {message}", file=sys.stderr, flush=True)
 

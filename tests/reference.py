@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,20 @@ def random_model(config: QwenConfig, seed: int = 0) -> QwenForCausalLM:
             if p.ndim == 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "norm" in name else 0.0))
     return model.eval()
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_run_files(root: Path, model: QwenForCausalLM, tok, rows) -> Path:
+    """A fine-tuning run's inputs in `root`: the model and its tokenizer in root/model, the rows in
+    root/train.jsonl."""
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    write_jsonl(root / "train.jsonl", rows)
+    return root
 
 
 def hf_config(config: QwenConfig):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference import random_model, tiny_config
+from reference import random_model, tiny_config, write_run_files
 
 ROOT = Path(__file__).parent.parent
 
@@ -46,14 +46,12 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tok_qwen):
     root = tmp_path_factory.mktemp("fsdp")
-    random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=6).save_pretrained(root / "model")
-    tok_qwen.save_pretrained(root / "model")
+    model = random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=6)
     rng = random.Random(3)
     # Rows of different lengths, so each process pads its own micro-batches differently.
     rows = [{"instruction": "Repeat: " + " ".join(["ab"] * rng.randint(1, 12)), "output": "ok " * rng.randint(1, 9)}
             for _ in range(40)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return write_run_files(root, model, tok_qwen, rows)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

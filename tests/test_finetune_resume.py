@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reference import random_model, tiny_config
+from reference import random_model, tiny_config, write_run_files
 
 ROOT = Path(__file__).parent.parent
 # Kills its own process at a given step, from inside the training loop: a real SIGKILL, mid-run.
@@ -43,13 +43,11 @@ def _losses(out):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tok_qwen):
     root = tmp_path_factory.mktemp("resume")
-    random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=5).save_pretrained(root / "model")
-    tok_qwen.save_pretrained(root / "model")
+    model = random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=5)
     rng = random.Random(2)
     rows = [{"conversations": [{"from": "human", "value": f"Spell {n}."}, {"from": "gpt", "value": " ".join(str(n))}]}
             for n in (rng.randint(10, 99999) for _ in range(30))]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return write_run_files(root, model, tok_qwen, rows)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

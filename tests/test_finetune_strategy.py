@@ -4,7 +4,6 @@ own parameter groups and from what each parameter's update actually was (plain S
 is -lr x grad)."""
 
 import fnmatch
-import json
 import random
 import re
 
@@ -13,7 +12,7 @@ import torch
 
 from qwenkit.finetune.recipe import load_config
 from qwenkit.finetune.trainer import Trainer
-from reference import random_model, tiny_config
+from reference import random_model, tiny_config, write_run_files
 
 LAYERS = 4
 
@@ -25,13 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run_files(tmp_path_factory, tok_qwen):
     root = tmp_path_factory.mktemp("strategy")
     model = random_model(tiny_config(vocab_size=151936, num_hidden_layers=LAYERS), seed=1)
-    model.save_pretrained(root / "model")
-    tok_qwen.save_pretrained(root / "model")
     rng = random.Random(0)
     rows = [{"instruction": f"Add {a} and {b}.", "output": f"{a + b}"}
             for a, b in ((rng.randint(0, 9), rng.randint(0, 9)) for _ in range(16))]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return write_run_files(root, model, tok_qwen, rows)
 
 
 def depth(name):

@@ -15,7 +15,7 @@ from qwenkit.finetune.cli import main
 from qwenkit.finetune.loss import CausalLMLoss, fused_linear_cross_entropy
 from qwenkit.finetune.recipe import RecipeError, load_config
 from qwenkit.finetune.trainer import Trainer
-from reference import random_model, tiny_config
+from reference import random_model, tiny_config, write_jsonl, write_run_files
 
 TINY_RECIPE = Path(__file__).parent.parent / "configs" / "tiny-cpu-lora.yaml"
 
@@ -28,16 +28,15 @@ def files(tmp_path_factory, tok_qwen):
     root = tmp_path_factory.mktemp("train")
     # Embeddings at std 0.1 rather than 0.02: with the head tied to them, logits of a tiny random
     # model could otherwise hardly move, whatever LoRA learns.
-    random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=2).save_pretrained(root / "model")
-    tok_qwen.save_pretrained(root / "model")
+    model = random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=2)
     rng = random.Random(1)
     rows = []
     for _ in range(40):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                                   {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
-    (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    write_run_files(root, model, tok_qwen, rows[:32])
+    write_jsonl(root / "val.jsonl", rows[32:])
     return root
 
 

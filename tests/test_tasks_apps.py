@@ -11,7 +11,8 @@ import torch
 
 from qwenkit.cli import COMMANDS, main
 from qwenkit.tasks import commands, sentiment, translate, write
-from qwenkit.tasks.common import answer_ids, load, sampling
+from qwenkit.models import load
+from qwenkit.tasks.common import answer_ids, sampling
 
 # Registered here too, so that these tests do not depend on the order in which cli.py is wired.
 for _fn in (commands.write, commands.qa, commands.translate, commands.sentiment, commands.code, commands.eval_):

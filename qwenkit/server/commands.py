@@ -40,8 +40,6 @@ def serve(*, model: str = "default", host: str = "127.0.0.1", port: int = 8000, 
         dtype: the weights' dtype in memory.
         quantize: weight-only int8.
     """
-    from pathlib import Path
-
     from qwenkit.cli import UserError
 
     try:  # the serve extra: a clear message rather than a traceback without it
@@ -55,23 +53,16 @@ def serve(*, model: str = "default", host: str = "127.0.0.1", port: int = 8000, 
         raise UserError(f"--max-model-len must be >= 2, got {max_model_len}")
     import torch
 
-    from qwenkit.checkpoint import load_model
     from qwenkit.server.app import create_app
     from qwenkit.server.engine import Engine
-    from qwenkit.tokenizer import load_tokenizer
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype!r}: choose float32 or bfloat16")
-    from qwenkit.models import resolve_model
+    from qwenkit.models import load, resolve_model
 
     folder = resolve_model(model)
-    m = load_model(folder, dtype=dtypes[dtype])
-    tok = load_tokenizer(folder)
-    if quantize:
-        from qwenkit.quant import quantize as to_int8
-
-        to_int8(m)
+    m, tok = load(folder, dtypes[dtype], quantize)
     api_key = api_key or os.environ.get("QWENKIT_API_KEY") or None
     name = served_model_name or ("default" if model == "default" else folder.resolve().name)
     engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)

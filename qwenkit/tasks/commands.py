@@ -22,7 +22,7 @@ def _user_error(message: str):
 def _load(model: str, dtype: str):
     import torch
 
-    from qwenkit.tasks.common import load
+    from qwenkit.models import load
 
     return load(model, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
 

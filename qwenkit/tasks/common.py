@@ -20,16 +20,6 @@ from qwenkit.tokenizer import Tokenizer
 Messages = list[dict[str, Any]]
 
 
-def load(model: str, dtype: torch.dtype | None = None) -> tuple[QwenForCausalLM, Tokenizer]:
-    """The model and tokenizer of a checkpoint folder, a hub id, or "default" (the stand-in model)."""
-    from qwenkit.checkpoint import load_model
-    from qwenkit.models import resolve_model
-    from qwenkit.tokenizer import load_tokenizer
-
-    folder = resolve_model(model)
-    return load_model(folder, dtype=dtype), load_tokenizer(folder)
-
-
 def sampling(model: QwenForCausalLM, max_new_tokens: int, temperature: float | None = None,
              seed: int | None = None, greedy: bool = True) -> SamplingParams:
     """The checkpoint's generation defaults, greedy unless asked otherwise: answers to translate, QA and
