@@ -18,22 +18,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qwenkit import kernels
 from qwenkit.config import QwenConfig
 
 IGNORE_INDEX = -100
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that a product with a few rows (decoding) runs on every core.
+    """F.linear, except that a product with a few rows (decoding) streams the weight on every core.
 
-    A single-row matmul on CPU runs on one core and reaches about half of the memory bandwidth
-    that decoding is bound by. Viewing the weight's rows as one block per thread (a view, no
-    copy) makes it one batched matmul that the threads share.
+    Decoding reads every weight once per token, so it is bound by memory bandwidth. A single-row
+    matmul on CPU runs on one core at about half of it. Inference (no autograd) with few rows goes
+    to the native kernel (qwenkit.kernels.gemv); where that is unavailable, the weight's rows are
+    viewed as one block per thread (a view, no copy) and multiplied as one batched matmul that the
+    threads share. Training and larger products keep F.linear.
     """
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.numel() > _FEW_ROWS * weight.shape[1]:
+        return F.linear(x, weight, bias)
+    y = kernels.gemv(x, weight, bias)
+    if y is not None:
+        return y
     parts = torch.get_num_threads()
     out, inp = weight.shape
-    if (parts < 2 or x.device.type != "cpu" or x.numel() > _FEW_ROWS * inp or out % parts
-            or torch.is_grad_enabled() or not weight.is_contiguous()):  # inference only; training: F.linear
+    if parts < 2 or out % parts or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     rows = x.reshape(1, -1, inp).expand(parts, -1, -1)  # (P, N, in)
     blocks = weight.view(parts, out // parts, inp).transpose(1, 2)  # (P, in, out/P)
@@ -41,7 +48,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
-_FEW_ROWS = 8  # up to here the batched matmul wins (measured in benchmarks/bench_generate.py)
+_FEW_ROWS = kernels.MAX_ROWS  # up to here streaming the weight beats a matmul (benchmarks/bench_generate.py)
 
 
 class Linear(nn.Linear):
@@ -151,6 +158,21 @@ def cache_slots(cache: KVCache, T: int) -> torch.Tensor:
     return cache.lengths[:, None] + torch.arange(T, device=cache.lengths.device)
 
 
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention for one new token per row (decoding), in fp32 matmuls; q (B, H, 1, D), k/v (B, K, S, D).
+
+    The heads that share a kv head become the rows of one matmul against it, so kv is never repeated.
+    For bf16 on CPU this takes about a third of SDPA's time (its flash kernel's fixed cost dominates
+    a single query), and it accumulates in fp32 as SDPA does.
+    """
+    B, H, _, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    scores = q.reshape(B, K, H // K, D).float() @ k.float().transpose(-1, -2) * D ** -0.5  # (B, K, H/K, S)
+    scores = scores.masked_fill(~mask.reshape(B, 1, 1, S), float("-inf"))
+    y = torch.softmax(scores, dim=-1) @ v.float()  # (B, K, H/K, D)
+    return y.reshape(B, H, 1, D).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: QwenConfig, layer_idx: int):
         super().__init__()
@@ -169,11 +191,16 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             end = mask.shape[-1]  # slots in use: up to the longest row's new end
-            index = cache_slots(cache, T)[:, None, :, None].expand_as(k)  # (B, K, T, D)
-            cache.k[self.layer_idx].scatter_(2, index, k)
-            cache.v[self.layer_idx].scatter_(2, index, v)
+            # Indexed assignment writes only the new slots; scatter_ with an expanded index costs
+            # time in proportion to the whole cache (11 ms a layer at 32k slots, against 6 us).
+            rows, slots = torch.arange(B, device=x.device)[:, None], cache_slots(cache, T)  # (B, 1), (B, T)
+            cache.k[self.layer_idx][rows, :, slots] = k.transpose(1, 2)  # indexed view (B, T, K, D)
+            cache.v[self.layer_idx][rows, :, slots] = v.transpose(1, 2)
             k, v = cache.k[self.layer_idx][:, :, :end], cache.v[self.layer_idx][:, :, :end]  # (B, K, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+            y = attend_one_query(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 

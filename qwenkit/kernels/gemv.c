@@ -1,0 +1,123 @@
+/* The matrix-vector products of decoding: y[m, n] = sum_k x[m, k] w[n, k] (+ b[n]) for 1 to 8
+ * rows of x, in fp32 or bf16 (accumulated in fp32, rounded once).
+ *
+ * Decoding reads every weight once per token, so it runs at the speed of memory. Each thread takes
+ * a contiguous block of output rows and streams through them; the rows of x stay in L1. Every
+ * output element is summed in the same order whatever the number of rows, so a batched product
+ * equals the products of its rows alone, bit for bit.
+ *
+ * Built by qwenkit/kernels/__init__.py with -O3 -march=native -fopenmp. AVX-512 BF16 machines use
+ * vdpbf16ps; elsewhere GCC/Clang vector extensions compile to the machine's own SIMD.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#define MAX_ROWS 8
+#define STEP 32 /* elements of a weight row per inner step */
+
+typedef float vf __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline float hsum(vf v) { float s = 0; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+#if !defined(__AVX512BF16__)
+static inline vf load_bf16(const uint16_t *p) {
+    vh h; memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f; memcpy(&f, &u, sizeof f); return f;
+}
+#endif
+
+/* out[m] = dot(w_row, x[m]) for M rows; M is a constant in each copy, so the sums stay in registers. */
+#define ROW_F32(M) \
+static inline __attribute__((always_inline)) void row_f32_##M( \
+        const float *x, const float *w, long K, long kv, float *out) { \
+    vf a[M], c[M]; \
+    for (int m = 0; m < M; m++) a[m] = c[m] = (vf){0}; \
+    for (long k = 0; k < kv; k += STEP) { \
+        vf w0 = load_f32(w + k), w1 = load_f32(w + k + 16); \
+        for (int m = 0; m < M; m++) { a[m] += w0 * load_f32(x + m * K + k); c[m] += w1 * load_f32(x + m * K + k + 16); } \
+    } \
+    for (int m = 0; m < M; m++) { \
+        float s = hsum(a[m] + c[m]); \
+        for (long k = kv; k < K; k++) s += w[k] * x[m * K + k]; \
+        out[m] = s; \
+    } \
+}
+
+#if defined(__AVX512BF16__)
+#define ROW_BF16(M) \
+static inline __attribute__((always_inline)) void row_bf16_##M( \
+        const uint16_t *x, const uint16_t *w, long K, long kv, float *out) { \
+    __m512 a[M]; \
+    for (int m = 0; m < M; m++) a[m] = _mm512_setzero_ps(); \
+    for (long k = 0; k < kv; k += STEP) { \
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k); \
+        for (int m = 0; m < M; m++) a[m] = _mm512_dpbf16_ps(a[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k)); \
+    } \
+    for (int m = 0; m < M; m++) { \
+        float s = _mm512_reduce_add_ps(a[m]); \
+        for (long k = kv; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(x[m * K + k]); \
+        out[m] = s; \
+    } \
+}
+#else
+#define ROW_BF16(M) \
+static inline __attribute__((always_inline)) void row_bf16_##M( \
+        const uint16_t *x, const uint16_t *w, long K, long kv, float *out) { \
+    vf a[M], c[M]; \
+    for (int m = 0; m < M; m++) a[m] = c[m] = (vf){0}; \
+    for (long k = 0; k < kv; k += STEP) { \
+        vf w0 = load_bf16(w + k), w1 = load_bf16(w + k + 16); \
+        for (int m = 0; m < M; m++) { a[m] += w0 * load_bf16(x + m * K + k); c[m] += w1 * load_bf16(x + m * K + k + 16); } \
+    } \
+    for (int m = 0; m < M; m++) { \
+        float s = hsum(a[m] + c[m]); \
+        for (long k = kv; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(x[m * K + k]); \
+        out[m] = s; \
+    } \
+}
+#endif
+
+ROW_F32(1) ROW_F32(2) ROW_F32(3) ROW_F32(4) ROW_F32(5) ROW_F32(6) ROW_F32(7) ROW_F32(8)
+ROW_BF16(1) ROW_BF16(2) ROW_BF16(3) ROW_BF16(4) ROW_BF16(5) ROW_BF16(6) ROW_BF16(7) ROW_BF16(8)
+
+#define SAME(v) (v)
+#define GEMV(NAME, T, ROW, TO_F32, FROM_F32) \
+int NAME(const T *x, const T *w, const T *b, T *y, long M, long N, long K, int threads) { \
+    if (M < 1 || M > MAX_ROWS || N < 1 || K < 1 || threads < 1) return -1; \
+    long kv = K - K % STEP; \
+    _Pragma("omp parallel num_threads(threads)") \
+    { \
+        int t = omp_get_thread_num(), nt = omp_get_num_threads(); \
+        long per = ((N + nt - 1) / nt + 15) & ~15L; /* whole cache lines of y per thread */ \
+        long n0 = t * per, n1 = n0 + per < N ? n0 + per : N; \
+        float o[MAX_ROWS]; \
+        for (long n = n0; n < n1; n++) { \
+            const T *wn = w + n * K; \
+            switch (M) { \
+            case 1: ROW##_1(x, wn, K, kv, o); break; case 2: ROW##_2(x, wn, K, kv, o); break; \
+            case 3: ROW##_3(x, wn, K, kv, o); break; case 4: ROW##_4(x, wn, K, kv, o); break; \
+            case 5: ROW##_5(x, wn, K, kv, o); break; case 6: ROW##_6(x, wn, K, kv, o); break; \
+            case 7: ROW##_7(x, wn, K, kv, o); break; default: ROW##_8(x, wn, K, kv, o); \
+            } \
+            for (long m = 0; m < M; m++) y[m * N + n] = FROM_F32(b ? o[m] + TO_F32(b[n]) : o[m]); \
+        } \
+    } \
+    return 0; \
+}
+
+GEMV(qwenkit_gemv_f32, float, row_f32, SAME, SAME)
+GEMV(qwenkit_gemv_bf16, uint16_t, row_bf16, bf16_to_f32, f32_to_bf16)

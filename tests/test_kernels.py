@@ -1,0 +1,103 @@
+"""The native decoding kernel (qwenkit.kernels.gemv) against F.linear, and its fallbacks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenkit import kernels
+from qwenkit.model import linear
+
+
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """Forget any loaded library, so the test builds (or fails to build) its own."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+
+
+def test_the_kernel_builds_here():
+    # CI and the dev machines have a C compiler: a silent fallback would hide a broken kernel.
+    assert kernels._load() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out_features, in_features", [(64, 896), (131, 77), (1000, 4864)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_equals_linear(dtype, rows, out_features, in_features, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    y = kernels.gemv(x, w, b)
+    expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == dtype and y.shape == (rows, out_features)
+    # fp32: summation order only; bf16: one rounding of the fp32 sum, as PyTorch's bf16 matmul.
+    tol = 1e-5 * in_features ** 0.5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_rows_equal_rows_alone_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 896, generator=g).to(dtype)  # (B, T, C): any leading shape
+    w = torch.randn(300, 896, generator=g).to(dtype)
+    y = kernels.gemv(x, w)
+    assert y.shape == (2, 4, 300)
+    for b in range(2):
+        for t in range(4):
+            assert torch.equal(y[b, t], kernels.gemv(x[b, t], w))
+
+
+def test_gemv_declines_what_it_does_not_cover():
+    w = torch.randn(16, 32)
+    assert kernels.gemv(torch.randn(kernels.MAX_ROWS + 1, 32), w) is None  # a matmul
+    assert kernels.gemv(torch.randn(1, 32).half(), w.half()) is None  # no fp16 kernel
+    assert kernels.gemv(torch.randn(1, 32), w.bfloat16()) is None  # mixed dtypes
+    assert kernels.gemv(torch.randn(1, 32), torch.randn(32, 16).t()) is None  # strided weight
+
+
+def test_linear_uses_the_kernel_for_inference_only(monkeypatch):
+    calls = []
+    real = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(1, 64), torch.randn(32, 64, requires_grad=True)
+    y = linear(x, w)  # autograd on: F.linear, differentiable
+    y.sum().backward()
+    assert not calls and w.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w), F.linear(x, w))
+    assert calls == [1]
+
+
+def test_no_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert kernels.gemv(x, w) is None
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w), F.linear(x, w))  # PyTorch's path, no second warning
+
+
+def test_a_failed_build_names_the_compiler_error(fresh_build, monkeypatch, tmp_path, qwenkit_cache):
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(kernels, "_SOURCE", bad)
+    with pytest.warns(RuntimeWarning, match="broken.c.*error"):
+        assert kernels.gemv(torch.randn(1, 64), torch.randn(32, 64)) is None
+    assert all(p.name.startswith("gemv-") for p in (qwenkit_cache / "kernels").glob("*"))  # no temp file left
+
+
+def test_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("QWENKIT_KERNELS", "0")
+    assert kernels.gemv(torch.randn(1, 64), torch.randn(32, 64)) is None
+
+
+def test_the_build_is_cached_per_machine(fresh_build, qwenkit_cache):
+    assert kernels._load() is not None
+    built = sorted((qwenkit_cache / "kernels").glob("gemv-*.so"))
+    assert len(built) == 1
+    kernels._tried = False
+    kernels._load()
+    assert sorted((qwenkit_cache / "kernels").glob("*")) == built  # reused, no second build or temp file
