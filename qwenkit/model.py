@@ -185,9 +185,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*D), (B, T, K*D), (B, T, K*D)
+        if cache is not None and T == 1 and not torch.is_grad_enabled():  # decoding: one native call
+            i = self.layer_idx
+            y = kernels.decode_attention(q, k, v, cos, sin, cache.k[i], cache.v[i], cache.lengths, cache.valid)
+            if y is not None:
+                return self.o_proj(y)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             end = mask.shape[-1]  # slots in use: up to the longest row's new end

@@ -83,10 +83,10 @@ def test_no_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
 def test_a_failed_build_names_the_compiler_error(fresh_build, monkeypatch, tmp_path, qwenkit_cache):
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(kernels, "_SOURCE", bad)
+    monkeypatch.setattr(kernels, "_SOURCES", [bad])
     with pytest.warns(RuntimeWarning, match="broken.c.*error"):
         assert kernels.gemv(torch.randn(1, 64), torch.randn(32, 64)) is None
-    assert all(p.name.startswith("gemv-") for p in (qwenkit_cache / "kernels").glob("*"))  # no temp file left
+    assert all(p.name.startswith("qwenkit-") for p in (qwenkit_cache / "kernels").glob("*"))  # no temp file left
 
 
 def test_kernels_can_be_turned_off(monkeypatch):
@@ -96,8 +96,62 @@ def test_kernels_can_be_turned_off(monkeypatch):
 
 def test_the_build_is_cached_per_machine(fresh_build, qwenkit_cache):
     assert kernels._load() is not None
-    built = sorted((qwenkit_cache / "kernels").glob("gemv-*.so"))
+    built = sorted((qwenkit_cache / "kernels").glob("qwenkit-*.so"))
     assert len(built) == 1
     kernels._tried = False
     kernels._load()
     assert sorted((qwenkit_cache / "kernels").glob("*")) == built  # reused, no second build or temp file
+
+
+def _decode(model, ids, mask, steps, dtype):
+    """Prefill a left-padded batch, then greedy decode steps; the logits and the cache."""
+    from qwenkit.model import KVCache
+
+    cache = KVCache(model.config, ids.shape[0], ids.shape[1] + steps + 3, dtype=dtype)
+    with torch.inference_mode():
+        logits = [model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]]
+        for _ in range(steps):
+            logits.append(model(logits[-1].argmax(-1)[:, None], cache=cache, logits_to_keep=1).logits[:, -1])
+    return torch.stack(logits, 1).float(), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 12])  # 12: not a multiple of the kernel's 16 lanes
+def test_decode_attention_equals_the_pytorch_path(monkeypatch, dtype, head_dim):
+    from dataclasses import replace
+
+    from reference import random_model, tiny_config
+
+    config = replace(tiny_config(), hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2)
+    model = random_model(config).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 512, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # rows of different lengths: per-row slots and positions
+    mask[2, :1] = 0
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    native, native_cache = _decode(model, ids, mask, 6, dtype)
+    assert len(calls) == 6 * config.num_hidden_layers
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: None)
+    torch_path, torch_cache = _decode(model, ids, mask, 6, dtype)
+    # The first layer's cache sees the same inputs either way: RoPE rounds as PyTorch does, exactly.
+    assert torch.equal(native_cache.k[0], torch_cache.k[0]) and torch.equal(native_cache.v[0], torch_cache.v[0])
+    assert torch.equal(native_cache.lengths, torch_cache.lengths)
+    tol = 1e-5 if dtype == torch.float32 else 0.1  # bf16: the attention output's rounding flows on
+    torch.testing.assert_close(native, torch_path, rtol=tol, atol=tol)
+
+
+def test_decode_attention_declines_what_it_does_not_cover():
+    B, H, K, S, D = 1, 4, 2, 8, 16
+    q, kv = torch.randn(B, 1, H * D), torch.randn(B, 1, K * D)
+    cos = sin = torch.randn(B, 1, D)
+    cache = torch.zeros(B, K, S, D)
+    slots, valid = torch.zeros(B, dtype=torch.long), torch.ones(B, S, dtype=torch.bool)
+    assert kernels.decode_attention(q, kv, kv, cos, sin, cache, cache.clone(), slots, valid) is not None
+    assert kernels.decode_attention(q.half(), kv, kv, cos, sin, cache, cache, slots, valid) is None
+    assert kernels.decode_attention(q, kv, kv, cos, sin, cache.transpose(1, 2), cache, slots, valid) is None
+    assert kernels.decode_attention(q, kv, kv, cos, sin, cache, cache, slots.int(), valid) is None
+    with pytest.raises(RuntimeError, match="slots"):  # a slot outside the cache is refused, not written
+        kernels.decode_attention(q, kv, kv, cos, sin, cache, cache, slots + S, valid)

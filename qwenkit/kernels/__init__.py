@@ -1,13 +1,16 @@
 """Native CPU kernels, built on first use with the machine's C compiler.
 
-One kernel so far, `gemv`: the product of a few rows with a weight matrix, which is all that
-decoding does with its weights. PyTorch's CPU matmul runs a single-row product on one core at
-about half of the memory bandwidth (bf16 through oneDNN a little better); this kernel streams the
-weight on every core at close to the bandwidth (benchmarks/README.md has the figures).
+Two kernels, for decoding on CPU:
+- `gemv`: the product of a few rows with a weight matrix, which is all that decoding does with its
+  weights. PyTorch's CPU matmul runs a single-row product on one core at about half of the memory
+  bandwidth (bf16 through oneDNN a little better); this kernel streams the weight on every core at
+  close to the bandwidth (benchmarks/README.md has the figures).
+- `decode_attention`: a layer's attention for one new token per row (RoPE, the cache write, the
+  attention itself) in one call instead of about thirty small PyTorch ops.
 
-The source (gemv.c) is compiled once per machine with `$CC` (else cc, gcc or clang) and
+The sources (*.c here) are compiled once per machine with `$CC` (else cc, gcc or clang) and
 `-O3 -march=native -fopenmp`, into qwenkit's cache folder, and loaded with ctypes: no PyTorch
-headers, a build of under a second. Where there is no compiler, or the build fails, `gemv` returns
+headers, a build of about a second. Where there is no compiler, or the build fails, `gemv` returns
 None after one warning and callers use PyTorch. `QWENKIT_KERNELS=0` turns the kernels off.
 """
 
@@ -28,8 +31,8 @@ import torch
 
 MAX_ROWS = 8  # rows of x per call; more rows are a matmul, where PyTorch is the better kernel
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_SOURCE = Path(__file__).with_name("gemv.c")
-_FUNCTIONS = {torch.float32: "qwenkit_gemv_f32", torch.bfloat16: "qwenkit_gemv_bf16"}
+_SOURCES = [Path(__file__).with_name("gemv.c"), Path(__file__).with_name("attention.c")]
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -59,16 +62,16 @@ def _machine_key() -> str:
 def _build(cc: str) -> Path:
     from qwenkit.tokenizer import cache_dir
 
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), _machine_key().encode()]))
-    target = cache_dir() / "kernels" / f"gemv-{key.hexdigest()[:16]}.so"
+    parts = [p.read_bytes() for p in _SOURCES] + [cc.encode(), " ".join(FLAGS).encode(), _machine_key().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"qwenkit-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent build or a killed one never leaves half a file
     finally:
         if os.path.exists(tmp):
@@ -88,9 +91,12 @@ def _load() -> ctypes.CDLL | None:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
             lib = ctypes.CDLL(str(_build(cc)))
-            for name in _FUNCTIONS.values():
-                fn = getattr(lib, name)
+            for suffix in _SUFFIX.values():
+                fn = getattr(lib, f"qwenkit_gemv_{suffix}")
                 fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                fn.restype = ctypes.c_int
+                fn = getattr(lib, f"qwenkit_decode_attention_{suffix}")
+                fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 5 + [ctypes.c_int]
                 fn.restype = ctypes.c_int
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -107,10 +113,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     It applies to fp32 and bf16 with every tensor in the same dtype and a contiguous weight. It
     records nothing for autograd: callers use it under no_grad only.
     """
-    name = _FUNCTIONS.get(x.dtype)
+    suffix = _SUFFIX.get(x.dtype)
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    if (name is None or not enabled() or not 0 < rows <= MAX_ROWS or x.device.type != "cpu"
+    if (suffix is None or not enabled() or not 0 < rows <= MAX_ROWS or x.device.type != "cpu"
             or weight.device.type != "cpu" or weight.dtype != x.dtype or not weight.is_contiguous()
             or (bias is not None and (bias.dtype != x.dtype or bias.device.type != "cpu"))):
         return None
@@ -120,8 +126,41 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x2 = x.reshape(rows, in_features).contiguous()
     b = None if bias is None else bias.contiguous()
     y = torch.empty(rows, out_features, dtype=x.dtype)
-    status = getattr(lib, name)(x2.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(),
+    status = getattr(lib, f"qwenkit_gemv_{suffix}")(x2.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(),
                                 y.data_ptr(), rows, out_features, in_features, torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"qwenkit gemv rejected shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y.view(*x.shape[:-1], out_features)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor | None:
+    """One decoding step of a layer's attention, or None where the kernel does not apply.
+
+    q (B, 1, H*D), k and v (B, 1, K*D): the projections of one new token per row, before RoPE;
+    cos, sin (B, 1, D); k_cache, v_cache (B, K, S, D), written at `slots` (B,); valid (B, S), the
+    slots holding real tokens (the new one's flag already set). A row attends to its valid slots
+    before its new one, and to the new one. Returns (B, 1, H*D) in q's dtype.
+    """
+    suffix = _SUFFIX.get(q.dtype)
+    B, K, S, D = k_cache.shape
+    tensors = (q, k, v, cos, sin, k_cache, v_cache)
+    if (suffix is None or not enabled() or any(t.device.type != "cpu" or t.dtype != q.dtype for t in tensors)
+            or not all(t.is_contiguous() for t in (*tensors, slots, valid)) or q.shape[:2] != (B, 1)
+            or q.shape[-1] % D or k.shape != (B, 1, K * D) or v.shape != k.shape or cos.shape != (B, 1, D)
+            or sin.shape != cos.shape or v_cache.shape != k_cache.shape or slots.dtype != torch.int64
+            or slots.shape != (B,) or valid.dtype != torch.bool or valid.shape != (B, S)):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    H = q.shape[-1] // D
+    out = torch.empty_like(q)
+    status = getattr(lib, f"qwenkit_decode_attention_{suffix}")(
+        *(t.data_ptr() for t in (q, k, v, cos, sin, k_cache, v_cache, slots, valid, out)),
+        B, H, K, S, D, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"qwenkit decode_attention rejected its inputs (status {status}): q {tuple(q.shape)}, "
+                           f"cache {tuple(k_cache.shape)}, slots {slots.tolist()}")
+    return out
