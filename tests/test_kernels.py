@@ -155,3 +155,26 @@ def test_decode_attention_declines_what_it_does_not_cover():
     assert kernels.decode_attention(q, kv, kv, cos, sin, cache, cache, slots.int(), valid) is None
     with pytest.raises(RuntimeError, match="slots"):  # a slot outside the cache is refused, not written
         kernels.decode_attention(q, kv, kv, cos, sin, cache, cache, slots + S, valid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [896, 100])  # 100: a tail after the 16-lane blocks
+def test_rms_norm_equals_the_pytorch_norm(dtype, dim):
+    from qwenkit.model import RMSNorm
+
+    g = torch.Generator().manual_seed(dim)
+    norm = RMSNorm(dim, eps=1e-6)
+    norm.weight.data = torch.randn(dim, generator=g)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 1, dim, generator=g) * 3).to(dtype)
+    native = kernels.rms_norm(x, norm.weight, norm.eps)
+    reference = norm(x).detach()  # autograd on: the PyTorch path
+    assert native.shape == x.shape and native.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(native, reference, rtol=1e-6, atol=1e-6)
+    else:  # the same roundings; only a last-bit difference in the fp32 statistics can flip one
+        differ = native != reference
+        assert differ.float().mean() < 0.01
+        torch.testing.assert_close(native[differ].float(), reference[differ].float(), rtol=2 ** -7, atol=0)
+    with torch.no_grad():
+        assert torch.equal(norm(x), native)  # inference goes through the kernel

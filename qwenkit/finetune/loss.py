@@ -35,9 +35,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None  # (N, C)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None  # (V, C)
         eps = label_smoothing
+        # One logits buffer for every chunk where the product is already in fp32: a fresh block of
+        # this size comes from mmap and costs its page faults each time (~15% of the product on CPU).
+        buf = torch.empty(min(chunk_rows, N), V, dtype=acc, device=h.device) if h.dtype == weight.dtype == acc else None
         for start in range(0, N, chunk_rows):
             hc, tc = h[start:start + chunk_rows], targets[start:start + chunk_rows]  # (n, C), (n,)
-            logits = (hc @ weight.t()).to(acc)  # (n, V)
+            if buf is not None:
+                logits = torch.mm(hc, weight.t(), out=buf[:hc.shape[0]])  # (n, V)
+            else:
+                logits = (hc @ weight.t()).to(acc)  # (n, V)
             # The softmax is built in place in `logits`: every pass over (n, V) costs as much as a
             # small matrix product on a CPU, so there are five, where log_softmax and its backward take ten.
             top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
