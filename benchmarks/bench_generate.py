@@ -204,8 +204,10 @@ def main() -> None:
 
 def int8_report(folder: Path, repeats: int) -> str:
     """qwenkit int8 against qwenkit fp32 and bf16 at batch 1: weight memory, decode speed, and
-    agreement (greedy tokens, logits) with the fp32 model."""
+    agreement (greedy tokens, logits) with the fp32 model; int8 decoding both through qwenkit's
+    native kernel and through PyTorch's `_weight_int8pack_mm`."""
     import qwenkit
+    from qwenkit import kernels
 
     ids = torch.randint(0, 151643, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -216,11 +218,14 @@ def int8_report(folder: Path, repeats: int) -> str:
     lines = ["| model | weight MiB | decode tok/s (batch 1) | share of roofline (tok/s, bandwidth) | "
              "greedy tokens equal to fp32 | "
              "logit error vs fp32 (max / mean) |", "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for name in ("float32", "bfloat16", "int8"):
+    native_int8 = kernels.gemv_int8
+    for name in ("float32", "bfloat16", "int8", "int8, PyTorch's kernel"):
         model = reference if name == "float32" else qwenkit.load_model(
             folder, dtype=torch.bfloat16 if name == "bfloat16" else torch.float32)
-        if name == "int8":
+        if name.startswith("int8"):
             qwenkit.quantize(model)
+        # The last row decodes through torch's _weight_int8pack_mm instead of qwenkit's int8 kernel.
+        kernels.gemv_int8 = (lambda *a: None) if name == "int8, PyTorch's kernel" else native_int8
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         read = decode_bytes(model)
         readings, decode = [bandwidth_now()], float("inf")
@@ -237,6 +242,7 @@ def int8_report(folder: Path, repeats: int) -> str:
                      f"{bandwidth / read:.1f} ({bandwidth / 1e9:.0f} GB/s) | "
                      f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
                      f"{err.max():.3f} / {err.mean():.4f} |")
+    kernels.gemv_int8 = native_int8
     return "\n".join(lines)
 
 

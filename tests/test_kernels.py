@@ -178,3 +178,50 @@ def test_rms_norm_equals_the_pytorch_norm(dtype, dim):
         torch.testing.assert_close(native[differ].float(), reference[differ].float(), rtol=2 ** -7, atol=0)
     with torch.no_grad():
         assert torch.equal(norm(x), native)  # inference goes through the kernel
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("in_features", [896, 77])
+def test_gemv_int8_equals_the_dequantized_product(rows, in_features):
+    from qwenkit.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(rows + in_features)
+    layer = Int8Linear(torch.randn(300, in_features, generator=g) * 0.05, None)
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+    y = kernels.gemv_int8(x, layer.weight_int8, layer.scale)
+    expected = x.double() @ layer.dequantized_weight().double().t()
+    assert y.dtype == torch.float32 and y.shape == (rows, 300)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    if in_features % 16 == 0:  # torch's kernel takes no other widths (see Int8Linear.forward)
+        torch_kernel = torch._weight_int8pack_mm(x, layer.weight_int8, layer.scale)  # bf16 out
+        torch.testing.assert_close(y.to(torch.bfloat16), torch_kernel, rtol=2 ** -7, atol=1e-3)
+    for r in range(rows):  # rows alone equal the batch, bit for bit
+        assert torch.equal(kernels.gemv_int8(x[r:r + 1], layer.weight_int8, layer.scale), y[r:r + 1])
+
+
+def test_int8_layers_decode_through_the_kernel(monkeypatch):
+    from qwenkit.quant import Int8Linear
+
+    calls = []
+    real = kernels.gemv_int8
+    monkeypatch.setattr(kernels, "gemv_int8", lambda *a: calls.append(1) or real(*a))
+    layer = Int8Linear(torch.randn(64, 32), torch.randn(64))
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        native = layer(x)
+        monkeypatch.setattr(kernels, "gemv_int8", lambda *a: None)
+        reference = layer(x)  # torch's int8 kernel
+    assert calls == [1] and native.shape == (2, 1, 64)
+    torch.testing.assert_close(native, reference, rtol=2 ** -7, atol=1e-2)
+
+
+def test_int8_layers_of_any_width_run_in_every_path():
+    from qwenkit.quant import Int8Linear
+
+    layer = Int8Linear(torch.randn(64, 77), None)  # 77: a width torch's int8 kernel crashes on
+    for rows in (1, 12):  # the native kernel, then a product too large for it
+        x = torch.randn(rows, 77)
+        with torch.no_grad():
+            y = layer(x)
+        expected = x.to(torch.bfloat16).float() @ layer.dequantized_weight().t()
+        torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)

@@ -1,8 +1,8 @@
 """Native CPU kernels, built on first use with the machine's C compiler.
 
 Two kernels, for decoding on CPU:
-- `gemv`: the product of a few rows with a weight matrix, which is all that decoding does with its
-  weights. PyTorch's CPU matmul runs a single-row product on one core at about half of the memory
+- `gemv` (and `gemv_int8`, for qwenkit.quant's int8 weights): the product of a few rows with a
+  weight matrix, which is all that decoding does with its weights. PyTorch's CPU matmul runs a single-row product on one core at about half of the memory
   bandwidth (bf16 through oneDNN a little better); this kernel streams the weight on every core at
   close to the bandwidth (benchmarks/README.md has the figures).
 - `decode_attention`: a layer's attention for one new token per row (RoPE, the cache write, the
@@ -96,7 +96,7 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build(cc)))
             for suffix in _SUFFIX.values():
                 fn = getattr(lib, f"qwenkit_gemv_{suffix}")
-                fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
                 fn.restype = ctypes.c_int
                 fn = getattr(lib, f"qwenkit_decode_attention_{suffix}")
                 fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 5 + [ctypes.c_int]
@@ -104,6 +104,8 @@ def _load() -> ctypes.CDLL | None:
                 fn = getattr(lib, f"qwenkit_rms_norm_{suffix}")
                 fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
                 fn.restype = ctypes.c_int
+            lib.qwenkit_gemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+            lib.qwenkit_gemv_int8.restype = ctypes.c_int
             _gemv.update({dtype: getattr(lib, f"qwenkit_gemv_{suffix}") for dtype, suffix in _SUFFIX.items()})
             _rms_norm.update({dtype: getattr(lib, f"qwenkit_rms_norm_{suffix}") for dtype, suffix in _SUFFIX.items()})
             _lib = lib
@@ -133,9 +135,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x2 = x.contiguous()
     b = None if bias is None else bias.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    if fn(x2.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), rows, out_features,
-          in_features, torch.get_num_threads()):
+    if fn(x2.data_ptr(), weight.data_ptr(), None, None if b is None else b.data_ptr(), y.data_ptr(), rows,
+          out_features, in_features, torch.get_num_threads()):
         raise RuntimeError(f"qwenkit gemv rejected shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return y
+
+
+def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """(x @ weight.T) * scale in fp32 for up to MAX_ROWS rows of x: int8 weights (out, in) with one
+    bf16 scale per output row (qwenkit.quant's layout). None where the kernel does not apply."""
+    lib = _lib if _tried else _load()
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    if (not lib or not x.is_cpu or not weight.is_cpu or weight.dtype != torch.int8 or not weight.is_contiguous()
+            or scale.dtype != torch.bfloat16 or scale.shape != (out_features,) or not scale.is_contiguous()
+            or not 0 < rows <= MAX_ROWS or not enabled()):
+        return None
+    x2 = x.float().contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    if lib.qwenkit_gemv_int8(x2.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(), rows,
+                             out_features, in_features, torch.get_num_threads()):
+        raise RuntimeError(f"qwenkit gemv_int8 rejected shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y
 
 

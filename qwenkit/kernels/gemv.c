@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -91,12 +91,42 @@ static inline __attribute__((always_inline)) void row_bf16_##M( \
 }
 #endif
 
+/* int8 weights (one scale per output row, applied by the caller's loop) against fp32 rows of x */
+typedef int8_t vb __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(64)));
+static inline vf load_i8(const int8_t *p) {
+#if defined(__AVX512F__) /* GCC turns the generic conversion below into byte-by-byte code */
+    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    vf v; memcpy(&v, &f, sizeof v); return v;
+#else
+    vb b; memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+#endif
+}
+#define ROW_I8(M) \
+static inline __attribute__((always_inline)) void row_i8_##M( \
+        const float *x, const int8_t *w, long K, long kv, float *out) { \
+    vf a[M], c[M]; \
+    for (int m = 0; m < M; m++) a[m] = c[m] = (vf){0}; \
+    for (long k = 0; k < kv; k += STEP) { \
+        vf w0 = load_i8(w + k), w1 = load_i8(w + k + 16); \
+        for (int m = 0; m < M; m++) { a[m] += w0 * load_f32(x + m * K + k); c[m] += w1 * load_f32(x + m * K + k + 16); } \
+    } \
+    for (int m = 0; m < M; m++) { \
+        float s = hsum(a[m] + c[m]); \
+        for (long k = kv; k < K; k++) s += (float)w[k] * x[m * K + k]; \
+        out[m] = s; \
+    } \
+}
+
 ROW_F32(1) ROW_F32(2) ROW_F32(3) ROW_F32(4) ROW_F32(5) ROW_F32(6) ROW_F32(7) ROW_F32(8)
 ROW_BF16(1) ROW_BF16(2) ROW_BF16(3) ROW_BF16(4) ROW_BF16(5) ROW_BF16(6) ROW_BF16(7) ROW_BF16(8)
+ROW_I8(1) ROW_I8(2) ROW_I8(3) ROW_I8(4) ROW_I8(5) ROW_I8(6) ROW_I8(7) ROW_I8(8)
 
 #define SAME(v) (v)
-#define GEMV(NAME, T, ROW, TO_F32, FROM_F32) \
-int NAME(const T *x, const T *w, const T *b, T *y, long M, long N, long K, int threads) { \
+/* y[m, n] = dot(x[m], w[n]) * scale[n] + b[n] (scale only for int8) */
+#define GEMV(NAME, XT, WT, ROW, SCALE_T, TO_F32, FROM_F32) \
+int NAME(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, long K, int threads) { \
     if (M < 1 || M > MAX_ROWS || N < 1 || K < 1 || threads < 1) return -1; \
     long kv = K - K % STEP; \
     _Pragma("omp parallel num_threads(threads)") \
@@ -106,18 +136,24 @@ int NAME(const T *x, const T *w, const T *b, T *y, long M, long N, long K, int t
         long n0 = t * per, n1 = n0 + per < N ? n0 + per : N; \
         float o[MAX_ROWS]; \
         for (long n = n0; n < n1; n++) { \
-            const T *wn = w + n * K; \
+            const WT *wn = w + n * K; \
             switch (M) { \
             case 1: ROW##_1(x, wn, K, kv, o); break; case 2: ROW##_2(x, wn, K, kv, o); break; \
             case 3: ROW##_3(x, wn, K, kv, o); break; case 4: ROW##_4(x, wn, K, kv, o); break; \
             case 5: ROW##_5(x, wn, K, kv, o); break; case 6: ROW##_6(x, wn, K, kv, o); break; \
             case 7: ROW##_7(x, wn, K, kv, o); break; default: ROW##_8(x, wn, K, kv, o); \
             } \
-            for (long m = 0; m < M; m++) y[m * N + n] = FROM_F32(b ? o[m] + TO_F32(b[n]) : o[m]); \
+            float s_n = scale ? bf16_to_f32(((const uint16_t *)scale)[n]) : 1.0f; \
+            for (long m = 0; m < M; m++) { \
+                float v = scale ? o[m] * s_n : o[m]; \
+                y[m * N + n] = FROM_F32(b ? v + TO_F32(b[n]) : v); \
+            } \
         } \
     } \
     return 0; \
 }
 
-GEMV(qwenkit_gemv_f32, float, row_f32, SAME, SAME)
-GEMV(qwenkit_gemv_bf16, uint16_t, row_bf16, bf16_to_f32, f32_to_bf16)
+GEMV(qwenkit_gemv_f32, float, float, row_f32, void, SAME, SAME)
+GEMV(qwenkit_gemv_bf16, uint16_t, uint16_t, row_bf16, void, bf16_to_f32, f32_to_bf16)
+/* int8 weight-only: x in fp32, scales in bf16 (Int8Linear's), y in fp32 */
+GEMV(qwenkit_gemv_int8, float, int8_t, row_i8, uint16_t, SAME, SAME)
