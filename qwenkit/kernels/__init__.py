@@ -1,18 +1,18 @@
-"""Native CPU kernels, built on first use with the machine's C compiler.
+"""Native CPU kernels for decoding, built on first use with the machine's C compiler.
 
-Two kernels, for decoding on CPU:
 - `gemv` (and `gemv_int8`, for qwenkit.quant's int8 weights): the product of a few rows with a
-  weight matrix, which is all that decoding does with its weights. PyTorch's CPU matmul runs a single-row product on one core at about half of the memory
-  bandwidth (bf16 through oneDNN a little better); this kernel streams the weight on every core at
-  close to the bandwidth (benchmarks/README.md has the figures).
+  weight matrix, which is all that decoding does with its weights. PyTorch's CPU matmul runs a
+  single-row product on one core at about half of the memory bandwidth (bf16 through oneDNN a
+  little better); this kernel streams the weight on every core at close to the bandwidth
+  (benchmarks/README.md has the figures).
 - `decode_attention`: a layer's attention for one new token per row (RoPE, the cache write, the
   attention itself) in one call instead of about thirty small PyTorch ops.
 - `rms_norm`: RMSNorm of a few rows in one call instead of about eight ops.
 
 The sources (*.c here) are compiled once per machine with `$CC` (else cc, gcc or clang) and
 `-O3 -march=native -fopenmp`, into qwenkit's cache folder, and loaded with ctypes: no PyTorch
-headers, a build of about a second. Where there is no compiler, or the build fails, `gemv` returns
-None after one warning and callers use PyTorch. `QWENKIT_KERNELS=0` turns the kernels off.
+headers, a build of about a second. Where there is no compiler, or the build fails, every function
+here returns None after one warning and callers use PyTorch. `QWENKIT_KERNELS=0` turns them off.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([cc, *FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent build or a killed one never leaves half a file
     finally:
         if os.path.exists(tmp):
