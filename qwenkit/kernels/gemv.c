@@ -1,5 +1,6 @@
 /* The matrix-vector products of decoding: y[m, n] = sum_k x[m, k] w[n, k] (+ b[n]) for 1 to 8
- * rows of x, in fp32 or bf16 (accumulated in fp32, rounded once).
+ * rows of x, in fp32 or bf16 (accumulated in fp32, rounded once); and for int8 weights with one
+ * scale per output row (qwenkit.quant), x in fp32.
  *
  * Decoding reads every weight once per token, so it runs at the speed of memory. Each thread takes
  * a contiguous block of output rows and streams through them; the rows of x stay in L1. Every
@@ -7,7 +8,8 @@
  * equals the products of its rows alone, bit for bit.
  *
  * Built by qwenkit/kernels/__init__.py with -O3 -march=native -fopenmp. AVX-512 BF16 machines use
- * vdpbf16ps; elsewhere GCC/Clang vector extensions compile to the machine's own SIMD.
+ * vdpbf16ps, AVX-512 machines a vector sign extension for int8; elsewhere GCC/Clang vector
+ * extensions compile to the machine's own SIMD.
  */
 #include <stdint.h>
 #include <string.h>
