@@ -9,7 +9,7 @@
   attention itself) in one call instead of about thirty small PyTorch ops.
 - `rms_norm`: RMSNorm of a few rows in one call instead of about eight ops.
 
-The sources (*.c here) are compiled once per machine with `$CC` (else cc, gcc or clang) and
+The sources (*.c here, with common.h) are compiled once per machine with `$CC` (else cc, gcc or clang) and
 `-O3 -march=native -fopenmp`, into qwenkit's cache folder, and loaded with ctypes: no PyTorch
 headers, a build of about a second. Where there is no compiler, or the build fails, every function
 here returns None after one warning and callers use PyTorch. `QWENKIT_KERNELS=0` turns them off.
@@ -33,6 +33,7 @@ import torch
 MAX_ROWS = 8  # rows of x per call; more rows are a matmul, where PyTorch is the better kernel
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "norm.c")]
+_HEADERS = [Path(__file__).with_name("common.h")]  # included by the sources: part of the build's key
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 _lock = threading.Lock()
@@ -65,7 +66,7 @@ def _machine_key() -> str:
 def _build(cc: str) -> Path:
     from qwenkit.tokenizer import cache_dir
 
-    parts = [p.read_bytes() for p in _SOURCES] + [cc.encode(), " ".join(FLAGS).encode(), _machine_key().encode()]
+    parts = [p.read_bytes() for p in _SOURCES + _HEADERS] + [cc.encode(), " ".join(FLAGS).encode(), _machine_key().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"qwenkit-{key}.so"
     if target.exists():

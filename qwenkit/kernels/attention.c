@@ -20,45 +20,22 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-typedef float vf __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+#include "common.h"
 
 /* dot(x, y[0:D]) in fp32, sixteen lanes at a time where D allows */
-static inline float dot_f32(const float *x, const float *y, long D) {
-    long d = 0; float s = 0;
-    if (D % 16 == 0) {
-        vf a = {0};
-        for (; d < D; d += 16) { vf p, r; memcpy(&p, x + d, 64); memcpy(&r, y + d, 64); a += p * r; }
-        for (int i = 0; i < 16; i++) s += a[i];
-        return s;
-    }
-    for (; d < D; d++) s += x[d] * y[d];
-    return s;
+#define DOT(NAME, T, LOAD, TO_F32) \
+static inline float NAME(const float *x, const T *y, long D) { \
+    float s = 0; \
+    if (D % 16 == 0) { \
+        vf a = {0}; \
+        for (long d = 0; d < D; d += 16) a += load_f32(x + d) * LOAD(y + d); \
+        return hsum(a); \
+    } \
+    for (long d = 0; d < D; d++) s += x[d] * TO_F32(y[d]); \
+    return s; \
 }
-static inline float dot_bf16(const float *x, const uint16_t *y, long D) {
-    long d = 0; float s = 0;
-    if (D % 16 == 0) {
-        vf a = {0};
-        for (; d < D; d += 16) {
-            vf p, r; vh h; memcpy(&p, x + d, 64); memcpy(&h, y + d, 32);
-            vu u = __builtin_convertvector(h, vu) << 16; memcpy(&r, &u, 64);
-            a += p * r;
-        }
-        for (int i = 0; i < 16; i++) s += a[i];
-        return s;
-    }
-    for (; d < D; d++) { uint32_t u = (uint32_t)y[d] << 16; float f; memcpy(&f, &u, 4); s += x[d] * f; }
-    return s;
-}
+DOT(dot_f32, float, load_f32, SAME)
+DOT(dot_bf16, uint16_t, load_bf16, bf16_to_f32)
 
 static inline float f32_load(const float *p, long i) { return p[i]; }
 static inline float f32_round(float f) { return f; }

@@ -17,49 +17,46 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include "common.h"
 
 #define MAX_ROWS 8
 #define STEP 32 /* elements of a weight row per inner step */
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-
-static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline float hsum(vf v) { float s = 0; for (int i = 0; i < 16; i++) s += v[i]; return s; }
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-#if !defined(__AVX512BF16__)
-static inline vf load_bf16(const uint16_t *p) {
-    vh h; memcpy(&h, p, sizeof h);
-    vu u = __builtin_convertvector(h, vu) << 16;
-    vf f; memcpy(&f, &u, sizeof f); return f;
-}
+/* int8 weights (one scale per output row, applied in the caller's loop) against fp32 rows of x */
+typedef int8_t vb __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(64)));
+static inline vf load_i8(const int8_t *p) {
+#if defined(__AVX512F__) /* GCC turns the generic conversion below into byte-by-byte code */
+    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    vf v; memcpy(&v, &f, sizeof v); return v;
+#else
+    vb b; memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
 #endif
+}
+#define TO_FLOAT(v) ((float)(v))
 
-/* out[m] = dot(w_row, x[m]) for M rows; M is a constant in each copy, so the sums stay in registers. */
-#define ROW_F32(M) \
-static inline __attribute__((always_inline)) void row_f32_##M( \
-        const float *x, const float *w, long K, long kv, float *out) { \
+/* out[m] = dot(w_row, x[m]) for M rows of x; M is a constant in each copy, so the sums stay in
+ * registers. Two sums per row, over alternate 16-element blocks; the tail in scalar code. */
+#define ROW_VEC(NAME, XT, WT, LOAD_X, LOAD_W, X_F32, W_F32, M) \
+static inline __attribute__((always_inline)) void NAME##_##M( \
+        const XT *x, const WT *w, long K, long kv, float *out) { \
     vf a[M], c[M]; \
     for (int m = 0; m < M; m++) a[m] = c[m] = (vf){0}; \
     for (long k = 0; k < kv; k += STEP) { \
-        vf w0 = load_f32(w + k), w1 = load_f32(w + k + 16); \
-        for (int m = 0; m < M; m++) { a[m] += w0 * load_f32(x + m * K + k); c[m] += w1 * load_f32(x + m * K + k + 16); } \
+        vf w0 = LOAD_W(w + k), w1 = LOAD_W(w + k + 16); \
+        for (int m = 0; m < M; m++) { a[m] += w0 * LOAD_X(x + m * K + k); c[m] += w1 * LOAD_X(x + m * K + k + 16); } \
     } \
     for (int m = 0; m < M; m++) { \
         float s = hsum(a[m] + c[m]); \
-        for (long k = kv; k < K; k++) s += w[k] * x[m * K + k]; \
+        for (long k = kv; k < K; k++) s += W_F32(w[k]) * X_F32(x[m * K + k]); \
         out[m] = s; \
     } \
 }
+#define ROW_F32(M) ROW_VEC(row_f32, float, float, load_f32, load_f32, SAME, SAME, M)
+#define ROW_I8(M) ROW_VEC(row_i8, float, int8_t, load_f32, load_i8, SAME, TO_FLOAT, M)
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) /* 32 bf16 pairs per vdpbf16ps */
 #define ROW_BF16(M) \
 static inline __attribute__((always_inline)) void row_bf16_##M( \
         const uint16_t *x, const uint16_t *w, long K, long kv, float *out) { \
@@ -76,56 +73,14 @@ static inline __attribute__((always_inline)) void row_bf16_##M( \
     } \
 }
 #else
-#define ROW_BF16(M) \
-static inline __attribute__((always_inline)) void row_bf16_##M( \
-        const uint16_t *x, const uint16_t *w, long K, long kv, float *out) { \
-    vf a[M], c[M]; \
-    for (int m = 0; m < M; m++) a[m] = c[m] = (vf){0}; \
-    for (long k = 0; k < kv; k += STEP) { \
-        vf w0 = load_bf16(w + k), w1 = load_bf16(w + k + 16); \
-        for (int m = 0; m < M; m++) { a[m] += w0 * load_bf16(x + m * K + k); c[m] += w1 * load_bf16(x + m * K + k + 16); } \
-    } \
-    for (int m = 0; m < M; m++) { \
-        float s = hsum(a[m] + c[m]); \
-        for (long k = kv; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(x[m * K + k]); \
-        out[m] = s; \
-    } \
-}
+#define ROW_BF16(M) ROW_VEC(row_bf16, uint16_t, uint16_t, load_bf16, load_bf16, bf16_to_f32, bf16_to_f32, M)
 #endif
 
-/* int8 weights (one scale per output row, applied by the caller's loop) against fp32 rows of x */
-typedef int8_t vb __attribute__((vector_size(16)));
-typedef int32_t vi __attribute__((vector_size(64)));
-static inline vf load_i8(const int8_t *p) {
-#if defined(__AVX512F__) /* GCC turns the generic conversion below into byte-by-byte code */
-    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    vf v; memcpy(&v, &f, sizeof v); return v;
-#else
-    vb b; memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
-#endif
-}
-#define ROW_I8(M) \
-static inline __attribute__((always_inline)) void row_i8_##M( \
-        const float *x, const int8_t *w, long K, long kv, float *out) { \
-    vf a[M], c[M]; \
-    for (int m = 0; m < M; m++) a[m] = c[m] = (vf){0}; \
-    for (long k = 0; k < kv; k += STEP) { \
-        vf w0 = load_i8(w + k), w1 = load_i8(w + k + 16); \
-        for (int m = 0; m < M; m++) { a[m] += w0 * load_f32(x + m * K + k); c[m] += w1 * load_f32(x + m * K + k + 16); } \
-    } \
-    for (int m = 0; m < M; m++) { \
-        float s = hsum(a[m] + c[m]); \
-        for (long k = kv; k < K; k++) s += (float)w[k] * x[m * K + k]; \
-        out[m] = s; \
-    } \
-}
+#define FOR_EACH_ROW_COUNT(ROW) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8)
+FOR_EACH_ROW_COUNT(ROW_F32)
+FOR_EACH_ROW_COUNT(ROW_BF16)
+FOR_EACH_ROW_COUNT(ROW_I8)
 
-ROW_F32(1) ROW_F32(2) ROW_F32(3) ROW_F32(4) ROW_F32(5) ROW_F32(6) ROW_F32(7) ROW_F32(8)
-ROW_BF16(1) ROW_BF16(2) ROW_BF16(3) ROW_BF16(4) ROW_BF16(5) ROW_BF16(6) ROW_BF16(7) ROW_BF16(8)
-ROW_I8(1) ROW_I8(2) ROW_I8(3) ROW_I8(4) ROW_I8(5) ROW_I8(6) ROW_I8(7) ROW_I8(8)
-
-#define SAME(v) (v)
 /* y[m, n] = dot(x[m], w[n]) * scale[n] + b[n] (scale only for int8) */
 #define GEMV(NAME, XT, WT, ROW, SCALE_T, TO_F32, FROM_F32) \
 int NAME(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, long K, int threads) { \

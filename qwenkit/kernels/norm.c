@@ -5,17 +5,7 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
-
-typedef float vf __attribute__((vector_size(64)));
-
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+#include "common.h"
 
 #define RMS_NORM(NAME, T, LOAD, STORE_ROUND) \
 int NAME(const T *x, const T *w, T *y, long rows, long C, float eps) { \
@@ -42,6 +32,5 @@ int NAME(const T *x, const T *w, T *y, long rows, long C, float eps) { \
     return 0; \
 }
 
-#define SAME(v) (v)
 RMS_NORM(qwenkit_rms_norm_f32, float, SAME, SAME)
 RMS_NORM(qwenkit_rms_norm_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
