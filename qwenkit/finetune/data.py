@@ -273,12 +273,18 @@ def _alpaca(record: Mapping, where: str) -> list[dict]:
     return messages
 
 
-def _sharegpt(record: Mapping, where: str) -> list[dict]:
-    turns = _json_field(record, "conversations", where) if "conversations" in record else None
+def _turns(record: Mapping, field: str, where: str, fmt: str, shape: str) -> list:
+    """The record's list of turns (a JSON string of one is accepted too), or an error naming the field."""
+    turns = _json_field(record, field, where) if field in record else None
     if turns is None:
-        raise DataError(f"{where}: missing field 'conversations' (sharegpt format)")
+        raise DataError(f"{where}: missing field '{field}' ({fmt} format)")
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}}")
+        raise DataError(f"{where}: field '{field}' must be a non-empty list of {{{shape}}}")
+    return turns
+
+
+def _sharegpt(record: Mapping, where: str) -> list[dict]:
+    turns = _turns(record, "conversations", where, "sharegpt", "from, value")
     messages = []
     system = record.get("system")
     if system:
@@ -298,11 +304,7 @@ def _sharegpt(record: Mapping, where: str) -> list[dict]:
 
 
 def _openai(record: Mapping, where: str) -> list[dict]:
-    turns = _json_field(record, "messages", where) if "messages" in record else None
-    if turns is None:
-        raise DataError(f"{where}: missing field 'messages' (openai format)")
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+    turns = _turns(record, "messages", where, "openai", "role, content")
     messages = []
     for i, m in enumerate(turns):
         if not isinstance(m, Mapping):
