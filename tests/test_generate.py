@@ -97,3 +97,17 @@ def test_yields_one_token_per_row_per_step():
     ids = torch.randint(0, 512, (3, 4))
     steps = list(generate(model, ids, params=SamplingParams(max_new_tokens=4)))
     assert len(steps) == 4 and all(s.shape == (3,) for s in steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [151936, 1000])  # blocks of the vocabulary, and a size with none
+def test_greedy_picks_what_argmax_picks(dtype, vocab):
+    from qwenkit.generate import greedy
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=g).to(dtype)
+    logits[1, [7, vocab - 3]] = 50.0  # a tie across blocks: the first wins
+    logits[2, [vocab // 2, vocab // 2 + 1]] = 50.0  # a tie within a block
+    logits[3] = -1.0  # all equal
+    logits[4, vocab // 3] = float("nan")  # a NaN is the maximum, as for argmax
+    assert torch.equal(greedy(logits), logits.float().argmax(-1))

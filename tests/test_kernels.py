@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit import kernels
-from qwenkit.model import linear
+from qwenkit.model import QwenForCausalLM, linear
 
 
 @pytest.fixture
@@ -132,6 +132,7 @@ def test_decode_attention_equals_the_pytorch_path(monkeypatch, dtype, head_dim):
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(QwenForCausalLM, "_decode_natively", lambda *a: None)  # one module at a time
     native, native_cache = _decode(model, ids, mask, 6, dtype)
     assert len(calls) == 6 * config.num_hidden_layers
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: None)
@@ -178,6 +179,131 @@ def test_rms_norm_equals_the_pytorch_norm(dtype, dim):
         torch.testing.assert_close(native[differ].float(), reference[differ].float(), rtol=2 ** -7, atol=0)
     with torch.no_grad():
         assert torch.equal(norm(x), native)  # inference goes through the kernel
+
+
+def _count_stack_calls(monkeypatch) -> list:
+    calls = []
+    real = kernels.DecodeStack.__call__
+    monkeypatch.setattr(kernels.DecodeStack, "__call__", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _padded_batch(seed=3, rows=3, length=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 512, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # rows of different lengths: per-row slots and positions
+    mask[-1, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 12])
+def test_the_whole_stack_in_one_call_equals_the_other_paths(monkeypatch, dtype, head_dim):
+    from dataclasses import replace
+
+    from reference import random_model, tiny_config
+
+    config = replace(tiny_config(), hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=72)  # 72: SwiGLU's sixteen-column blocks end partial
+    model = random_model(config).to(dtype)
+    ids, mask = _padded_batch()
+    calls = _count_stack_calls(monkeypatch)
+    fused, fused_cache = _decode(model, ids, mask, 6, dtype)
+    assert len(calls) == 6  # one native call per decoding step
+    monkeypatch.setattr(QwenForCausalLM, "_decode_natively", lambda *a: None)
+    op_by_op, op_cache = _decode(model, ids, mask, 6, dtype)  # a kernel call per module
+    monkeypatch.setenv("QWENKIT_KERNELS", "0")
+    torch_path, _ = _decode(model, ids, mask, 6, dtype)
+    # The same norm, products and RoPE feed the first layer's cache: equal, bit for bit. After it,
+    # only SiLU's exp differs from PyTorch's (by an ulp or so).
+    assert torch.equal(fused_cache.k[0], op_cache.k[0]) and torch.equal(fused_cache.v[0], op_cache.v[0])
+    assert torch.equal(fused_cache.lengths, op_cache.lengths)
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(fused, op_by_op, rtol=tol, atol=tol)
+    torch.testing.assert_close(fused, torch_path, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stack_decodes_batched_rows_as_rows_alone_bit_for_bit(dtype):
+    from reference import random_model, tiny_config
+
+    model = random_model(tiny_config()).to(dtype)
+    # One-token prompts, so that every step is the stack's (a prefill's matmul blocks by batch size)
+    ids = torch.randint(0, 512, (3, 1), generator=torch.Generator().manual_seed(5))
+    batched, _ = _decode(model, ids, None, 6, dtype)
+    for r in range(3):
+        alone, _ = _decode(model, ids[r:r + 1], None, 6, dtype)
+        assert torch.equal(alone[0], batched[r])
+
+
+def test_the_stack_steps_aside_for_lora_int8_and_hooks(monkeypatch):
+    from reference import random_model, tiny_config
+
+    from qwenkit.lora import apply_lora
+    from qwenkit.model import KVCache
+    from qwenkit.quant import quantize
+
+    ids, mask = _padded_batch()
+    calls = _count_stack_calls(monkeypatch)
+    model = random_model(tiny_config())
+    _decode(model, ids, mask, 2, torch.float32)
+    assert len(calls) == 2
+
+    hooked = []
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: hooked.append(1))
+    calls.clear()
+    _decode(model, ids, mask, 2, torch.float32)  # a new generation (a new cache) checks again
+    assert calls == [] and len(hooked) == 3  # the prefill and both steps ran the hooked module
+    handle.remove()
+
+    for transform in (lambda m: apply_lora(m, r=4), quantize):
+        model = random_model(tiny_config())
+        cache = KVCache(model.config, 3, 16)
+        with torch.inference_mode():
+            token = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+            model(token[:, None], cache=cache)  # the stack is checked and kept with this cache...
+            calls.clear()
+            transform(model)  # ...then the model changes in place, mid-generation
+            model(token[:, None], cache=cache)
+        assert calls == []  # the changed blocks run module by module
+
+
+def test_the_stack_follows_a_model_moved_to_another_dtype(monkeypatch):
+    from reference import random_model, tiny_config
+
+    ids, mask = _padded_batch()
+    calls = _count_stack_calls(monkeypatch)
+    model = random_model(tiny_config())
+    _decode(model, ids, mask, 2, torch.float32)
+    model.to(torch.bfloat16)  # new storage for every weight
+    native, _ = _decode(model, ids, mask, 3, torch.bfloat16)
+    assert len(calls) == 2 + 3
+    monkeypatch.setattr(QwenForCausalLM, "_decode_natively", lambda *a: None)
+    expected, _ = _decode(model, ids, mask, 3, torch.bfloat16)
+    torch.testing.assert_close(native, expected, rtol=0.1, atol=0.1)
+
+
+def test_the_stack_declines_what_it_does_not_cover():
+    from reference import random_model, tiny_config
+
+    from qwenkit.model import KVCache, _plain_block_tensors
+
+    model = random_model(tiny_config())
+    cache = KVCache(model.config, 2, 16)
+    layers = [(*_plain_block_tensors(b), cache.k[i], cache.v[i]) for i, b in enumerate(model.model.layers)]
+    assert kernels.DecodeStack.build(layers) is not None
+    assert kernels.DecodeStack.build([(*layers[0][:1], layers[0][1].t(), *layers[0][2:])]) is None  # strided
+    assert kernels.DecodeStack.build([tuple(t if t is None else t.half() for t in layers[0])]) is None  # fp16
+    big = KVCache(model.config, kernels.MAX_ROWS + 1, 16)
+    assert kernels.DecodeStack.build([(*layers[0][:12], big.k[0], big.v[0])]) is None  # too many rows
+    stack = kernels.DecodeStack.build(layers)
+    C, D = model.config.hidden_size, model.config.dim_per_head
+    x, cos = torch.randn(2, 1, C), torch.randn(2, 1, D)
+    assert stack(x[:1], cos[:1], cos[:1], cache.lengths[:1], cache.valid[:1], 1e-6) is None  # rows differ
+    assert stack(x.bfloat16(), cos, cos, cache.lengths, cache.valid, 1e-6) is None  # dtype differs
+    with pytest.raises(RuntimeError, match="slots"):  # a slot past the cache's end
+        stack(x, cos, cos, cache.lengths + 16, cache.valid, 1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -32,7 +32,7 @@ import torch
 
 MAX_ROWS = 8  # rows of x per call; more rows are a matmul, where PyTorch is the better kernel
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "norm.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "norm.c", "decode.c")]
 _HEADERS = [Path(__file__).with_name("common.h")]  # included by the sources: part of the build's key
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -105,6 +105,10 @@ def _load() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 fn = getattr(lib, f"qwenkit_rms_norm_{suffix}")
                 fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
+                fn.restype = ctypes.c_int
+                fn = getattr(lib, f"qwenkit_decode_layers_{suffix}")
+                fn.argtypes = ([ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7
+                               + [ctypes.c_float, ctypes.c_int])
                 fn.restype = ctypes.c_int
             lib.qwenkit_gemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
             lib.qwenkit_gemv_int8.restype = ctypes.c_int
@@ -206,3 +210,66 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if fn(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.numel() // C, C, eps):
         raise RuntimeError(f"qwenkit rms_norm rejected x {tuple(x.shape)}")
     return y
+
+
+LAYER_TENSORS = ("input_layernorm", "q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj",
+                 "post_attention_layernorm", "gate_proj", "up_proj", "down_proj", "k_cache", "v_cache")
+
+
+class DecodeStack:
+    """A stack of blocks checked once for decode.c, which runs a decoding step through all of them
+    in one native call. Build with `DecodeStack.build`; call with each step's inputs."""
+
+    def __init__(self, fn, pointers, n_layers: int, dtype: torch.dtype, dims: tuple[int, ...]):
+        self._fn, self._pointers, self._n_layers, self.dtype, self._dims = fn, pointers, n_layers, dtype, dims
+
+    @classmethod
+    def build(cls, layers: list[tuple]) -> "DecodeStack | None":
+        """layers: per block, its tensors in LAYER_TENSORS' order: weights (out, in), the q/k/v
+        biases or None, the caches (B, K, S, D). None where the kernel does not apply: every tensor
+        must be on the CPU, contiguous, in one dtype (fp32 or bf16), at most MAX_ROWS cache rows."""
+        if not layers or len(layers[0]) != len(LAYER_TENSORS) or not enabled():
+            return None
+        dtype, k_cache = layers[0][0].dtype, layers[0][12]
+        suffix = _SUFFIX.get(dtype)
+        if suffix is None or k_cache.dim() != 4 or layers[0][1].dim() != 2 or layers[0][9].dim() != 2:
+            return None
+        B, K, S, D = k_cache.shape
+        (HD, C), I = layers[0][1].shape, layers[0][9].shape[0]
+        shapes = ((C,), (HD, C), (HD,), (K * D, C), (K * D,), (K * D, C), (K * D,), (C, HD), (C,), (I, C), (I, C),
+                  (C, I), (B, K, S, D), (B, K, S, D))
+        required = (0, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13)  # all but the biases
+        for layer in layers:
+            if len(layer) != len(shapes) or any(layer[i] is None for i in required):
+                return None
+            for t, shape in zip(layer, shapes):
+                if t is not None and (t.shape != shape or t.dtype != dtype or not t.is_cpu or not t.is_contiguous()):
+                    return None
+        lib = _load()
+        if lib is None or not 0 < B <= MAX_ROWS or HD % D:
+            return None
+        pointers = (ctypes.c_void_p * (len(layers) * len(LAYER_TENSORS)))(
+            *(None if t is None else t.data_ptr() for layer in layers for t in layer))
+        stack = cls(getattr(lib, f"qwenkit_decode_layers_{suffix}"), pointers, len(layers), dtype,
+                    (B, C, HD // D, K, S, D, I))
+        stack._tensors = layers  # what the pointers point into stays alive as long as the stack
+        return stack
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                 valid: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """x (B, 1, C): the new tokens' embeddings; cos, sin (B, 1, D): their rotary tables; slots
+        (B,) and valid (B, S) as for decode_attention. Returns the last block's output (B, 1, C),
+        before the final norm; None where these inputs do not fit the stack."""
+        B, C, H, K, S, D, I = self._dims
+        if (x.shape != (B, 1, C) or cos.shape != (B, 1, D) or sin.shape != cos.shape or slots.shape != (B,)
+                or valid.shape != (B, S) or slots.dtype != torch.int64 or valid.dtype != torch.bool
+                or any(t.dtype != self.dtype for t in (x, cos, sin))
+                or not all(t.is_cpu and t.is_contiguous() for t in (cos, sin, slots, valid))):
+            return None
+        out = x.contiguous().clone()
+        status = self._fn(self._pointers, self._n_layers, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                          slots.data_ptr(), valid.data_ptr(), B, C, H, K, S, D, I, eps, torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"qwenkit decode_layers rejected its inputs (status {status}): x {tuple(x.shape)}, "
+                               f"cache ({B}, {K}, {S}, {D}), slots {slots.tolist()}")
+        return out

@@ -44,19 +44,42 @@ static inline float bf16_load(const uint16_t *p, long i) { return bf16_to_f32(p[
 static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 static inline void bf16_store(uint16_t *p, long i, float f) { p[i] = f32_to_bf16(f); }
 
+/* scores[0:n] (-inf where masked) -> e^(score - top), 0 where masked; returns their sum */
+static float softmax_weights(float *scores, long n, float top) {
+    vf sum = {0};
+    for (long s = 0; s < n; s += 16) {
+        int w = n - s < 16 ? (int)(n - s) : 16;
+        vf x = {0}, e;
+        memcpy(&x, scores + s, sizeof(float) * w);
+        e = exp_vf(x - top);
+        for (int i = 0; i < 16; i++) e[i] = i < w && x[i] != -INFINITY ? e[i] : 0.0f;
+        memcpy(scores + s, &e, sizeof(float) * w);
+        sum += e;
+    }
+    return hsum(sum);
+}
+
+/* Whether the sizes and slots are ones the kernel handles (decode.c checks with it too). */
+INTERNAL int attention_sizes_ok(const int64_t *slot, long B, long H, long K, long S, long D) {
+    if (B < 1 || K < 1 || H % K || D % 2 || D > 512) return 0;
+    for (long b = 0; b < B; b++) if (slot[b] < 0 || slot[b] >= S) return 0;
+    return 1;
+}
+
 /* q (B, H, D), k and v (B, K, D): this step's projections; cos and sin (B, D); kc and vc
  * (B, K, S, D): the layer's cache; slot (B,): where each row's new token goes; valid (B, S):
- * slots holding real tokens; out (B, H, D). Returns -1 on bad sizes. */
-#define ATTEND(NAME, T, LOAD, ROUND, STORE, DOT) \
-int NAME(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, T *vc, \
-         const int64_t *slot, const uint8_t *valid, T *out, long B, long H, long K, long S, long D, int threads) { \
-    if (B < 1 || K < 1 || H % K || D % 2 || D > 512 || threads < 1) return -1; \
-    for (long b = 0; b < B; b++) if (slot[b] < 0 || slot[b] >= S) return -1; \
-    long G = H / K, half = D / 2; \
+ * slots holding real tokens; out (B, H, D). NAME##_part does thread t's share of the (row, kv
+ * head) pairs, for callers inside a parallel region (decode.c), and returns nonzero if it ran out
+ * of memory; NAME checks the sizes (-1 if bad) and runs every share (-2 if out of memory). */
+#define ATTEND(NAME, T, LOAD, VLOAD, ROUND, STORE, DOT) \
+INTERNAL int NAME##_part(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, T *vc, \
+                const int64_t *slot, const uint8_t *valid, T *out, long B, long H, long K, long S, long D, \
+                int t, int nt) { \
+    long G = H / K, half = D / 2, per = (B * K + nt - 1) / nt; \
+    long lo = t * per, hi = lo + per < B * K ? lo + per : B * K; \
     float scale = 1.0f / sqrtf((float)D); \
     int failed = 0; \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)") \
-    for (long bj = 0; bj < B * K; bj++) { \
+    for (long bj = lo; bj < hi; bj++) { \
         long b = bj / K, j = bj % K, s_new = slot[b]; \
         const T *cs = cos + b * D, *sn = sin + b * D; \
         T *kr = kc + (bj * S) * D, *vr = vc + (bj * S) * D; \
@@ -81,20 +104,34 @@ int NAME(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, 
                 scores[s] = DOT(x, kr + s * D, D) * scale; \
                 if (scores[s] > top) top = scores[s]; \
             } \
-            float total = 0; \
+            float total = softmax_weights(scores, s_new + 1, top); \
             for (long d = 0; d < D; d++) acc[d] = 0; \
             for (long s = 0; s <= s_new; s++) { \
-                if (scores[s] == -INFINITY) continue; \
-                float p = expf(scores[s] - top); \
-                total += p; \
-                for (long d = 0; d < D; d++) acc[d] += p * LOAD(vr, s * D + d); \
+                float p = scores[s]; \
+                if (p == 0.0f) continue; /* a masked slot */ \
+                if (D % 16 == 0) \
+                    for (long d = 0; d < D; d += 16) { \
+                        vf a = load_f32(acc + d) + p * VLOAD(vr + s * D + d); \
+                        memcpy(acc + d, &a, sizeof a); \
+                    } \
+                else \
+                    for (long d = 0; d < D; d++) acc[d] += p * LOAD(vr, s * D + d); \
             } \
             for (long d = 0; d < D; d++) STORE(out, (b * H + h) * D + d, acc[d] / total); \
         } \
         free(scores); \
     } \
+    return failed; \
+} \
+int NAME(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, T *vc, \
+         const int64_t *slot, const uint8_t *valid, T *out, long B, long H, long K, long S, long D, int threads) { \
+    if (threads < 1 || !attention_sizes_ok(slot, B, H, K, S, D)) return -1; \
+    int failed = 0; \
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)") \
+    failed |= NAME##_part(q, k, v, cos, sin, kc, vc, slot, valid, out, B, H, K, S, D, \
+                          omp_get_thread_num(), omp_get_num_threads()); \
     return failed ? -2 : 0; \
 }
 
-ATTEND(qwenkit_decode_attention_f32, float, f32_load, f32_round, f32_store, dot_f32)
-ATTEND(qwenkit_decode_attention_bf16, uint16_t, bf16_load, bf16_round, bf16_store, dot_bf16)
+ATTEND(qwenkit_decode_attention_f32, float, f32_load, load_f32, f32_round, f32_store, dot_f32)
+ATTEND(qwenkit_decode_attention_bf16, uint16_t, bf16_load, load_bf16, bf16_round, bf16_store, dot_bf16)

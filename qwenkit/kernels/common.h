@@ -5,6 +5,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
@@ -26,6 +29,71 @@ static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 -> 16 fp32, exact */
     vu u = __builtin_convertvector(h, vu) << 16;
     vf f; memcpy(&f, &u, sizeof f); return f;
 }
-static inline float hsum(vf v) { float s = 0; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+/* The sum of the lanes as a tree (8 pairs, then 4, 2, 1): four dependent additions, not fifteen,
+ * so a row's sum does not hold up the stream; the same order on every machine. */
+static inline float hsum(vf v) {
+#if defined(__AVX512F__) /* the same tree in four shuffles */
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    return _mm512_reduce_add_ps(m);
+#else
+    for (int w = 8; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) v[i] += v[i + w];
+    return v[0];
+#endif
+}
+
+/* e^x in 16 lanes, within 2 ulp of expf, for softmax and SiLU: Cephes' expf (a degree-5 polynomial
+ * on [-ln2/2, ln2/2] after taking out the power of two). x is clamped to [-87.3, 88.3], so that the
+ * power of two stays normal: e^x of a lower x comes out as 1e-38, not 0, which neither a softmax
+ * over maxima-shifted scores nor x / (1 + e^-x) can tell apart. */
+typedef int32_t vi32 __attribute__((vector_size(64)));
+static inline vf exp_vf(vf x) {
+    vf n;
+    for (int i = 0; i < 16; i++) {
+        float c = x[i] < -87.3365f ? -87.3365f : x[i] > 88.3762f ? 88.3762f : x[i];
+        x[i] = c;
+        n[i] = __builtin_floorf(c * 1.44269504088896341f + 0.5f);
+    }
+    vf r = x - n * 0.693359375f - n * -2.12194440e-4f; /* x - n ln2, ln2 in two parts */
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi32 e = (__builtin_convertvector(n, vi32) + 127) << 23; /* 2^n */
+    vf two_n;
+    memcpy(&two_n, &e, sizeof two_n);
+    return p * two_n;
+}
+
+#define MAX_ROWS 8 /* rows of x per call (qwenkit.kernels.MAX_ROWS) */
+
+/* Thread t's share [n0, n1) of N output rows among nt threads: whole cache lines of fp32 output. */
+static inline void share(long N, int t, int nt, long *n0, long *n1) {
+    long per = ((N + nt - 1) / nt + 15) & ~15L;
+    *n0 = t * per < N ? t * per : N;
+    *n1 = *n0 + per < N ? *n0 + per : N;
+}
+
+/* What decode.c runs inside its own parallel region: one thread's share of gemv.c's products
+ * and attention.c's attention, and norm.c's norm (one thread). Internal to the library. */
+#define INTERNAL __attribute__((visibility("hidden")))
+INTERNAL void qwenkit_gemv_f32_part(const float *x, const float *w, const void *scale, const float *b, float *y,
+                                    long M, long N, long K, int t, int nt);
+INTERNAL void qwenkit_gemv_bf16_part(const uint16_t *x, const uint16_t *w, const void *scale, const uint16_t *b,
+                                     uint16_t *y, long M, long N, long K, int t, int nt);
+INTERNAL int qwenkit_decode_attention_f32_part(const float *q, const float *k, const float *v, const float *cos,
+                                               const float *sin, float *kc, float *vc, const int64_t *slot,
+                                               const uint8_t *valid, float *out, long B, long H, long K, long S,
+                                               long D, int t, int nt);
+INTERNAL int qwenkit_decode_attention_bf16_part(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                                const uint16_t *cos, const uint16_t *sin, uint16_t *kc, uint16_t *vc,
+                                                const int64_t *slot, const uint8_t *valid, uint16_t *out, long B,
+                                                long H, long K, long S, long D, int t, int nt);
+INTERNAL int attention_sizes_ok(const int64_t *slot, long B, long H, long K, long S, long D);
+int qwenkit_rms_norm_f32(const float *x, const float *w, float *y, long rows, long C, float eps);
+int qwenkit_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, long rows, long C, float eps);
 
 #endif

@@ -19,7 +19,6 @@
 #endif
 #include "common.h"
 
-#define MAX_ROWS 8
 #define STEP 32 /* elements of a weight row per inner step */
 
 /* int8 weights (one scale per output row, applied in the caller's loop) against fp32 rows of x */
@@ -60,14 +59,22 @@ static inline __attribute__((always_inline)) void NAME##_##M( \
 #define ROW_BF16(M) \
 static inline __attribute__((always_inline)) void row_bf16_##M( \
         const uint16_t *x, const uint16_t *w, long K, long kv, float *out) { \
-    __m512 a[M]; \
-    for (int m = 0; m < M; m++) a[m] = _mm512_setzero_ps(); \
-    for (long k = 0; k < kv; k += STEP) { \
-        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k); \
-        for (int m = 0; m < M; m++) a[m] = _mm512_dpbf16_ps(a[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k)); \
+    __m512 a[M], c[M]; \
+    for (int m = 0; m < M; m++) a[m] = c[m] = _mm512_setzero_ps(); \
+    long k = 0; \
+    for (; k + 2 * STEP <= kv; k += 2 * STEP) { \
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + STEP); \
+        for (int m = 0; m < M; m++) { \
+            a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k)); \
+            c[m] = _mm512_dpbf16_ps(c[m], w1, (__m512bh)_mm512_loadu_si512(x + m * K + k + STEP)); \
+        } \
+    } \
+    if (k < kv) { \
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k); \
+        for (int m = 0; m < M; m++) a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k)); \
     } \
     for (int m = 0; m < M; m++) { \
-        float s = _mm512_reduce_add_ps(a[m]); \
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a[m], c[m])); \
         for (long k = kv; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(x[m * K + k]); \
         out[m] = s; \
     } \
@@ -81,32 +88,34 @@ FOR_EACH_ROW_COUNT(ROW_F32)
 FOR_EACH_ROW_COUNT(ROW_BF16)
 FOR_EACH_ROW_COUNT(ROW_I8)
 
-/* y[m, n] = dot(x[m], w[n]) * scale[n] + b[n] (scale only for int8) */
+/* y[m, n] = dot(x[m], w[n]) * scale[n] + b[n] (scale only for int8). NAME##_part is thread t's
+ * share of the output rows (of nt threads), for callers already inside a parallel region
+ * (decode.c); NAME checks the sizes and runs every share. */
 #define GEMV(NAME, XT, WT, ROW, SCALE_T, TO_F32, FROM_F32) \
-int NAME(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, long K, int threads) { \
-    if (M < 1 || M > MAX_ROWS || N < 1 || K < 1 || threads < 1) return -1; \
-    long kv = K - K % STEP; \
-    _Pragma("omp parallel num_threads(threads)") \
-    { \
-        int t = omp_get_thread_num(), nt = omp_get_num_threads(); \
-        long per = ((N + nt - 1) / nt + 15) & ~15L; /* whole cache lines of y per thread */ \
-        long n0 = t * per, n1 = n0 + per < N ? n0 + per : N; \
-        float o[MAX_ROWS]; \
-        for (long n = n0; n < n1; n++) { \
-            const WT *wn = w + n * K; \
-            switch (M) { \
-            case 1: ROW##_1(x, wn, K, kv, o); break; case 2: ROW##_2(x, wn, K, kv, o); break; \
-            case 3: ROW##_3(x, wn, K, kv, o); break; case 4: ROW##_4(x, wn, K, kv, o); break; \
-            case 5: ROW##_5(x, wn, K, kv, o); break; case 6: ROW##_6(x, wn, K, kv, o); break; \
-            case 7: ROW##_7(x, wn, K, kv, o); break; default: ROW##_8(x, wn, K, kv, o); \
-            } \
-            float s_n = scale ? bf16_to_f32(((const uint16_t *)scale)[n]) : 1.0f; \
-            for (long m = 0; m < M; m++) { \
-                float v = scale ? o[m] * s_n : o[m]; \
-                y[m * N + n] = FROM_F32(b ? v + TO_F32(b[n]) : v); \
-            } \
+INTERNAL void NAME##_part(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, \
+                          long K, int t, int nt) { \
+    long kv = K - K % STEP, n0, n1; \
+    share(N, t, nt, &n0, &n1); \
+    float o[MAX_ROWS]; \
+    for (long n = n0; n < n1; n++) { \
+        const WT *wn = w + n * K; \
+        switch (M) { \
+        case 1: ROW##_1(x, wn, K, kv, o); break; case 2: ROW##_2(x, wn, K, kv, o); break; \
+        case 3: ROW##_3(x, wn, K, kv, o); break; case 4: ROW##_4(x, wn, K, kv, o); break; \
+        case 5: ROW##_5(x, wn, K, kv, o); break; case 6: ROW##_6(x, wn, K, kv, o); break; \
+        case 7: ROW##_7(x, wn, K, kv, o); break; default: ROW##_8(x, wn, K, kv, o); \
+        } \
+        float s_n = scale ? bf16_to_f32(((const uint16_t *)scale)[n]) : 1.0f; \
+        for (long m = 0; m < M; m++) { \
+            float v = scale ? o[m] * s_n : o[m]; \
+            y[m * N + n] = FROM_F32(b ? v + TO_F32(b[n]) : v); \
         } \
     } \
+} \
+int NAME(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, long K, int threads) { \
+    if (M < 1 || M > MAX_ROWS || N < 1 || K < 1 || threads < 1) return -1; \
+    _Pragma("omp parallel num_threads(threads)") \
+    NAME##_part(x, w, scale, b, y, M, N, K, omp_get_thread_num(), omp_get_num_threads()); \
     return 0; \
 }
 

@@ -1,0 +1,102 @@
+/* One decoding step through a whole stack of Qwen2 blocks, in one call and one parallel region.
+ *
+ * Per block, for B rows of one new token each (x, the residual stream, updated in place):
+ *     h = rms_norm(x); q, k, v = h Wq + bq, h Wk + bk, h Wv + bv
+ *     a = attention(q, k, v) (RoPE, the cache write; attention.c)
+ *     x = x + a Wo; h = rms_norm(x); x = x + (silu(h Wg) * (h Wu)) Wd
+ * with gemv.c's products, attention.c's attention and norm.c's norm, so every value is rounded as
+ * on the path of one call per kernel, and a batched step equals its rows alone, bit for bit.
+ *
+ * Decoding reads every weight once per token, so its time should be the weights' bytes over the
+ * memory bandwidth. Called op by op from Python, a small model's step spends a fifth of its time
+ * between the products (about twelve calls per block, each some microseconds of Python, ctypes
+ * and a fork-join of the threads). Here the threads stay in one parallel region and meet at seven
+ * barriers per block; the small steps (norms, residual adds) run on thread 0 between them.
+ */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+#include "common.h"
+
+/* The tensors of one block, in this order, PER_LAYER pointers per block (bias pointers may be NULL). */
+enum { LN1, WQ, BQ, WK, BK, WV, BV, WO, LN2, WG, WU, WD, KC, VC, PER_LAYER };
+
+static inline float f32_to_f32(float f) { return f; }
+
+/* x (B, C) += y (B, C), rounded to the dtype as PyTorch's add is */
+#define ADD(T, LOAD, STORE) \
+    for (long i = 0; i < B * C; i++) x[i] = STORE(LOAD(x[i]) + LOAD(y[i]));
+
+/* act = silu(g) * u for thread t's share of the I columns (the rows its gate and up products
+ * wrote); PyTorch's silu, x / (1 + exp(-x)), rounded to the dtype, then the rounded product.
+ * Sixteen columns at a time, the last block partial, so a column's value never depends on the
+ * share it falls in. */
+#define SWIGLU(T, LOAD, STORE) \
+    { \
+        long n0, n1; \
+        share(I, t, nt, &n0, &n1); \
+        for (long m = 0; m < B; m++) \
+            for (long n = m * I + n0; n < m * I + n1; n += 16) { \
+                int width = m * I + n1 - n < 16 ? (int)(m * I + n1 - n) : 16; \
+                vf gv = {0}; \
+                for (int i = 0; i < width; i++) gv[i] = LOAD(g[n + i]); \
+                vf silu = gv / (1.0f + exp_vf(-gv)); \
+                for (int i = 0; i < width; i++) act[n + i] = STORE(LOAD(STORE(silu[i])) * LOAD(u[n + i])); \
+            } \
+    }
+
+/* p: L * PER_LAYER pointers; x (B, C), updated in place; cos, sin (B, D): this step's rotary
+ * tables; slot (B,), valid (B, S): as attention.c's. Caches (B, K, S, D); weights (out, in).
+ * Returns -1 on bad sizes, -2 out of memory. */
+#define DECODE(NAME, T, GEMV, ATTEND, NORM, LOAD, STORE) \
+int NAME(void *const *p, long L, T *x, const T *cos, const T *sin, const int64_t *slot, const uint8_t *valid, \
+         long B, long C, long H, long K, long S, long D, long I, float eps, int threads) { \
+    if (L < 1 || B > MAX_ROWS || C < 1 || I < 1 || threads < 1 || !attention_sizes_ok(slot, B, H, K, S, D)) \
+        return -1; \
+    long HD = H * D, KD = K * D; \
+    T *h = malloc(sizeof(T) * B * (2 * C + 2 * HD + 2 * KD + 3 * I)); \
+    if (!h) return -2; \
+    T *q = h + B * C, *k = q + B * HD, *v = k + B * KD, *a = v + B * KD, *y = a + B * HD; \
+    T *g = y + B * C, *u = g + B * I, *act = u + B * I; \
+    int failed = 0; \
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)") \
+    { \
+        int t = omp_get_thread_num(), nt = omp_get_num_threads(); \
+        for (long l = 0; l < L; l++) { \
+            void *const *w = p + l * PER_LAYER; \
+            if (t == 0) NORM(x, w[LN1], h, B, C, eps); \
+            _Pragma("omp barrier") \
+            GEMV(h, w[WQ], NULL, w[BQ], q, B, HD, C, t, nt); \
+            GEMV(h, w[WK], NULL, w[BK], k, B, KD, C, t, nt); \
+            GEMV(h, w[WV], NULL, w[BV], v, B, KD, C, t, nt); \
+            _Pragma("omp barrier") \
+            failed |= ATTEND(q, k, v, cos, sin, w[KC], w[VC], slot, valid, a, B, H, K, S, D, t, nt); \
+            _Pragma("omp barrier") \
+            GEMV(a, w[WO], NULL, NULL, y, B, C, HD, t, nt); \
+            _Pragma("omp barrier") \
+            if (t == 0) { ADD(T, LOAD, STORE) NORM(x, w[LN2], h, B, C, eps); } \
+            _Pragma("omp barrier") \
+            GEMV(h, w[WG], NULL, NULL, g, B, I, C, t, nt); \
+            GEMV(h, w[WU], NULL, NULL, u, B, I, C, t, nt); \
+            SWIGLU(T, LOAD, STORE) \
+            _Pragma("omp barrier") \
+            GEMV(act, w[WD], NULL, NULL, y, B, C, I, t, nt); \
+            _Pragma("omp barrier") \
+            /* no barrier after this add: the next block's first step is thread 0's too */ \
+            if (t == 0) { ADD(T, LOAD, STORE) } \
+        } \
+    } \
+    free(h); \
+    return failed ? -2 : 0; \
+}
+
+DECODE(qwenkit_decode_layers_f32, float, qwenkit_gemv_f32_part, qwenkit_decode_attention_f32_part,
+       qwenkit_rms_norm_f32, f32_to_f32, f32_to_f32)
+DECODE(qwenkit_decode_layers_bf16, uint16_t, qwenkit_gemv_bf16_part, qwenkit_decode_attention_bf16_part,
+       qwenkit_rms_norm_bf16, bf16_to_f32, f32_to_bf16)
