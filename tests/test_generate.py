@@ -100,14 +100,22 @@ def test_yields_one_token_per_row_per_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab", [151936, 1000])  # blocks of the vocabulary, and a size with none
-def test_greedy_picks_what_argmax_picks(dtype, vocab):
+@pytest.mark.parametrize("vocab", [151936, 1000, 7])  # 64 blocks or not; 7: under one vector
+@pytest.mark.parametrize("native", [True, False])
+def test_greedy_picks_what_argmax_picks(monkeypatch, dtype, vocab, native):
+    from qwenkit import kernels
     from qwenkit.generate import greedy
 
+    if not native:
+        monkeypatch.setattr(kernels, "argmax", lambda logits: None)
     g = torch.Generator().manual_seed(vocab)
     logits = torch.randn(5, vocab, generator=g).to(dtype)
-    logits[1, [7, vocab - 3]] = 50.0  # a tie across blocks: the first wins
+    logits[1, [1, vocab - 3]] = 50.0  # a tie across blocks: the first wins
     logits[2, [vocab // 2, vocab // 2 + 1]] = 50.0  # a tie within a block
     logits[3] = -1.0  # all equal
     logits[4, vocab // 3] = float("nan")  # a NaN is the maximum, as for argmax
+    logits[4, vocab - 1] = float("nan")
     assert torch.equal(greedy(logits), logits.float().argmax(-1))
+    for row in range(5):  # one row alone, and a row of -inf
+        assert torch.equal(greedy(logits[row:row + 1]), logits[row:row + 1].float().argmax(-1))
+    assert greedy(torch.full((1, vocab), float("-inf"), dtype=dtype)).tolist() == [0]

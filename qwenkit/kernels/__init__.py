@@ -32,7 +32,7 @@ import torch
 
 MAX_ROWS = 8  # rows of x per call; more rows are a matmul, where PyTorch is the better kernel
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "norm.c", "decode.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "norm.c", "decode.c", "argmax.c")]
 _HEADERS = [Path(__file__).with_name("common.h")]  # included by the sources: part of the build's key
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -105,6 +105,9 @@ def _load() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 fn = getattr(lib, f"qwenkit_rms_norm_{suffix}")
                 fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
+                fn.restype = ctypes.c_int
+                fn = getattr(lib, f"qwenkit_argmax_{suffix}")
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
                 fn.restype = ctypes.c_int
                 fn = getattr(lib, f"qwenkit_decode_layers_{suffix}")
                 fn.argtypes = ([ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7
@@ -210,6 +213,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if fn(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.numel() // C, C, eps):
         raise RuntimeError(f"qwenkit rms_norm rejected x {tuple(x.shape)}")
     return y
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """torch.argmax(logits, -1) of (B, V) fp32 or bf16 logits on CPU (ties: the first; a NaN wins),
+    as int64 (B,); or None where the kernel does not apply."""
+    suffix = _SUFFIX.get(logits.dtype)
+    lib = (_lib if _tried else _load()) if suffix else None
+    if lib is None or logits.dim() != 2 or not logits.is_cpu or not logits.is_contiguous() or not enabled():
+        return None
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    if getattr(lib, f"qwenkit_argmax_{suffix}")(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
+                                                  torch.get_num_threads()):
+        raise RuntimeError(f"qwenkit argmax rejected logits {tuple(logits.shape)}")
+    return out
 
 
 LAYER_TENSORS = ("input_layernorm", "q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj",
