@@ -70,20 +70,34 @@ static inline vf exp_vf(vf x) {
 
 #define MAX_ROWS 8 /* rows of x per call (qwenkit.kernels.MAX_ROWS) */
 
-/* Thread t's share [n0, n1) of N output rows among nt threads: whole cache lines of fp32 output. */
-static inline void share(long N, int t, int nt, long *n0, long *n1) {
-    long per = ((N + nt - 1) / nt + 15) & ~15L;
-    *n0 = t * per < N ? t * per : N;
-    *n1 = *n0 + per < N ? *n0 + per : N;
+/* The next block [n0, n1) of N output rows for the calling thread, or 0 when all are taken. The
+ * threads share `*next` (0 at the start) and take blocks as they go, a share of what is left
+ * (at least 32 rows, whole cache lines of output): a thread that streams faster takes more, so
+ * the threads finish within one small block of each other, where fixed halves could leave one
+ * waiting on the other for several percent of the time. */
+static inline int claim(long *next, long N, int nt, long *n0, long *n1) {
+    long left = N - __atomic_load_n(next, __ATOMIC_RELAXED);
+    long size = (left / (2 * nt) + 31) & ~31L;
+    if (size < 32) size = 32;
+    long start = __atomic_fetch_add(next, size, __ATOMIC_RELAXED);
+    if (start >= N) return 0;
+    *n0 = start;
+    *n1 = start + size < N ? start + size : N;
+    return 1;
 }
 
-/* What decode.c runs inside its own parallel region: one thread's share of gemv.c's products
- * and attention.c's attention, and norm.c's norm (one thread). Internal to the library. */
+/* What decode.c runs inside its own parallel region: gemv.c's products of rows [n0, n1), or of
+ * blocks claimed from *next, attention.c's attention for thread t, and norm.c's norm (one
+ * thread). Internal to the library. */
 #define INTERNAL __attribute__((visibility("hidden")))
+INTERNAL void qwenkit_gemv_f32_rows(const float *x, const float *w, const void *scale, const float *b, float *y,
+                                    long M, long N, long K, long n0, long n1);
+INTERNAL void qwenkit_gemv_bf16_rows(const uint16_t *x, const uint16_t *w, const void *scale, const uint16_t *b,
+                                     uint16_t *y, long M, long N, long K, long n0, long n1);
 INTERNAL void qwenkit_gemv_f32_part(const float *x, const float *w, const void *scale, const float *b, float *y,
-                                    long M, long N, long K, int t, int nt);
+                                    long M, long N, long K, long *next, int nt);
 INTERNAL void qwenkit_gemv_bf16_part(const uint16_t *x, const uint16_t *w, const void *scale, const uint16_t *b,
-                                     uint16_t *y, long M, long N, long K, int t, int nt);
+                                     uint16_t *y, long M, long N, long K, long *next, int nt);
 INTERNAL int qwenkit_decode_attention_f32_part(const float *q, const float *k, const float *v, const float *cos,
                                                const float *sin, float *kc, float *vc, const int64_t *slot,
                                                const uint8_t *valid, float *out, long B, long H, long K, long S,

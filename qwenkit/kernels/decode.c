@@ -33,28 +33,24 @@ static inline float f32_to_f32(float f) { return f; }
 #define ADD(T, LOAD, STORE) \
     for (long i = 0; i < B * C; i++) x[i] = STORE(LOAD(x[i]) + LOAD(y[i]));
 
-/* act = silu(g) * u for thread t's share of the I columns (the rows its gate and up products
+/* act = silu(g) * u for columns [n0, n1) (the rows the same thread's gate and up products just
  * wrote); PyTorch's silu, x / (1 + exp(-x)), rounded to the dtype, then the rounded product.
- * Sixteen columns at a time, the last block partial, so a column's value never depends on the
- * share it falls in. */
+ * Sixteen columns at a time from n0 (a multiple of 32), the last block partial, so a column's
+ * value never depends on the block it falls in. */
 #define SWIGLU(T, LOAD, STORE) \
-    { \
-        long n0, n1; \
-        share(I, t, nt, &n0, &n1); \
-        for (long m = 0; m < B; m++) \
-            for (long n = m * I + n0; n < m * I + n1; n += 16) { \
-                int width = m * I + n1 - n < 16 ? (int)(m * I + n1 - n) : 16; \
-                vf gv = {0}; \
-                for (int i = 0; i < width; i++) gv[i] = LOAD(g[n + i]); \
-                vf silu = gv / (1.0f + exp_vf(-gv)); \
-                for (int i = 0; i < width; i++) act[n + i] = STORE(LOAD(STORE(silu[i])) * LOAD(u[n + i])); \
-            } \
-    }
+    for (long m = 0; m < B; m++) \
+        for (long n = m * I + n0; n < m * I + n1; n += 16) { \
+            int width = m * I + n1 - n < 16 ? (int)(m * I + n1 - n) : 16; \
+            vf gv = {0}; \
+            for (int i = 0; i < width; i++) gv[i] = LOAD(g[n + i]); \
+            vf silu = gv / (1.0f + exp_vf(-gv)); \
+            for (int i = 0; i < width; i++) act[n + i] = STORE(LOAD(STORE(silu[i])) * LOAD(u[n + i])); \
+        }
 
 /* p: L * PER_LAYER pointers; x (B, C), updated in place; cos, sin (B, D): this step's rotary
  * tables; slot (B,), valid (B, S): as attention.c's. Caches (B, K, S, D); weights (out, in).
  * Returns -1 on bad sizes, -2 out of memory. */
-#define DECODE(NAME, T, GEMV, ATTEND, NORM, LOAD, STORE) \
+#define DECODE(NAME, T, GEMV, ROWS, ATTEND, NORM, LOAD, STORE) \
 int NAME(void *const *p, long L, T *x, const T *cos, const T *sin, const int64_t *slot, const uint8_t *valid, \
          long B, long C, long H, long K, long S, long D, long I, float eps, int threads) { \
     if (L < 1 || B > MAX_ROWS || C < 1 || I < 1 || threads < 1 || !attention_sizes_ok(slot, B, H, K, S, D)) \
@@ -64,39 +60,46 @@ int NAME(void *const *p, long L, T *x, const T *cos, const T *sin, const int64_t
     if (!h) return -2; \
     T *q = h + B * C, *k = q + B * HD, *v = k + B * KD, *a = v + B * KD, *y = a + B * HD; \
     T *g = y + B * C, *u = g + B * I, *act = u + B * I; \
+    long *next = calloc(L * 6, sizeof(long)); /* each product's next free row (claim) */ \
+    if (!next) { free(h); return -2; } \
     int failed = 0; \
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)") \
     { \
         int t = omp_get_thread_num(), nt = omp_get_num_threads(); \
         for (long l = 0; l < L; l++) { \
             void *const *w = p + l * PER_LAYER; \
+            long *c = next + l * 6, n0, n1; \
             if (t == 0) NORM(x, w[LN1], h, B, C, eps); \
             _Pragma("omp barrier") \
-            GEMV(h, w[WQ], NULL, w[BQ], q, B, HD, C, t, nt); \
-            GEMV(h, w[WK], NULL, w[BK], k, B, KD, C, t, nt); \
-            GEMV(h, w[WV], NULL, w[BV], v, B, KD, C, t, nt); \
+            GEMV(h, w[WQ], NULL, w[BQ], q, B, HD, C, c, nt); \
+            GEMV(h, w[WK], NULL, w[BK], k, B, KD, C, c + 1, nt); \
+            GEMV(h, w[WV], NULL, w[BV], v, B, KD, C, c + 2, nt); \
             _Pragma("omp barrier") \
             failed |= ATTEND(q, k, v, cos, sin, w[KC], w[VC], slot, valid, a, B, H, K, S, D, t, nt); \
             _Pragma("omp barrier") \
-            GEMV(a, w[WO], NULL, NULL, y, B, C, HD, t, nt); \
+            GEMV(a, w[WO], NULL, NULL, y, B, C, HD, c + 3, nt); \
             _Pragma("omp barrier") \
             if (t == 0) { ADD(T, LOAD, STORE) NORM(x, w[LN2], h, B, C, eps); } \
             _Pragma("omp barrier") \
-            GEMV(h, w[WG], NULL, NULL, g, B, I, C, t, nt); \
-            GEMV(h, w[WU], NULL, NULL, u, B, I, C, t, nt); \
-            SWIGLU(T, LOAD, STORE) \
+            while (claim(c + 4, I, nt, &n0, &n1)) { /* a block of gate and up rows, then its SwiGLU */ \
+                ROWS(h, w[WG], NULL, NULL, g, B, I, C, n0, n1); \
+                ROWS(h, w[WU], NULL, NULL, u, B, I, C, n0, n1); \
+                SWIGLU(T, LOAD, STORE) \
+            } \
             _Pragma("omp barrier") \
-            GEMV(act, w[WD], NULL, NULL, y, B, C, I, t, nt); \
+            GEMV(act, w[WD], NULL, NULL, y, B, C, I, c + 5, nt); \
             _Pragma("omp barrier") \
             /* no barrier after this add: the next block's first step is thread 0's too */ \
             if (t == 0) { ADD(T, LOAD, STORE) } \
         } \
     } \
+    free(next); \
     free(h); \
     return failed ? -2 : 0; \
 }
 
-DECODE(qwenkit_decode_layers_f32, float, qwenkit_gemv_f32_part, qwenkit_decode_attention_f32_part,
+DECODE(qwenkit_decode_layers_f32, float, qwenkit_gemv_f32_part, qwenkit_gemv_f32_rows, qwenkit_decode_attention_f32_part,
        qwenkit_rms_norm_f32, f32_to_f32, f32_to_f32)
-DECODE(qwenkit_decode_layers_bf16, uint16_t, qwenkit_gemv_bf16_part, qwenkit_decode_attention_bf16_part,
+DECODE(qwenkit_decode_layers_bf16, uint16_t, qwenkit_gemv_bf16_part, qwenkit_gemv_bf16_rows,
+       qwenkit_decode_attention_bf16_part,
        qwenkit_rms_norm_bf16, bf16_to_f32, f32_to_bf16)

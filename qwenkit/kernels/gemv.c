@@ -88,14 +88,13 @@ FOR_EACH_ROW_COUNT(ROW_F32)
 FOR_EACH_ROW_COUNT(ROW_BF16)
 FOR_EACH_ROW_COUNT(ROW_I8)
 
-/* y[m, n] = dot(x[m], w[n]) * scale[n] + b[n] (scale only for int8). NAME##_part is thread t's
- * share of the output rows (of nt threads), for callers already inside a parallel region
- * (decode.c); NAME checks the sizes and runs every share. */
+/* y[m, n] = dot(x[m], w[n]) * scale[n] + b[n] (scale only for int8), for output rows [n0, n1).
+ * NAME##_part takes blocks of rows from *next (common.h's claim) until none is left, for callers
+ * already inside a parallel region (decode.c); NAME checks the sizes and runs every block. */
 #define GEMV(NAME, XT, WT, ROW, SCALE_T, TO_F32, FROM_F32) \
-INTERNAL void NAME##_part(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, \
-                          long K, int t, int nt) { \
-    long kv = K - K % STEP, n0, n1; \
-    share(N, t, nt, &n0, &n1); \
+INTERNAL void NAME##_rows(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, \
+                          long K, long n0, long n1) { \
+    long kv = K - K % STEP; \
     float o[MAX_ROWS]; \
     for (long n = n0; n < n1; n++) { \
         const WT *wn = w + n * K; \
@@ -112,10 +111,16 @@ INTERNAL void NAME##_part(const XT *x, const WT *w, const SCALE_T *scale, const 
         } \
     } \
 } \
+INTERNAL void NAME##_part(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, \
+                          long K, long *next, int nt) { \
+    long n0, n1; \
+    while (claim(next, N, nt, &n0, &n1)) NAME##_rows(x, w, scale, b, y, M, N, K, n0, n1); \
+} \
 int NAME(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, long K, int threads) { \
     if (M < 1 || M > MAX_ROWS || N < 1 || K < 1 || threads < 1) return -1; \
+    long next = 0; \
     _Pragma("omp parallel num_threads(threads)") \
-    NAME##_part(x, w, scale, b, y, M, N, K, omp_get_thread_num(), omp_get_num_threads()); \
+    NAME##_part(x, w, scale, b, y, M, N, K, &next, omp_get_num_threads()); \
     return 0; \
 }
 
