@@ -376,22 +376,22 @@ class QwenForCausalLM(nn.Module):
         make_mask, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids, cache)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        # The native decoder ends with the final norm (None: the blocks run here, one by one)
         y = self._decode_natively(x, cos, sin, cache) if cache is not None and input_ids.shape[1] == 1 else None
-        if y is not None:
-            x = y
-        else:
+        if y is None:
             mask = make_mask()
             for block in self.model.layers:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
                 else:
                     x = block(x, cos, sin, mask, cache)
+            x = self.model.norm(x)
         if cache is not None:  # a row with no real token this step stays put
             cache.lengths += input_ids.shape[1] if attention_mask is None else input_ids.shape[1] * attention_mask.any(-1)
-        return self.model.norm(x)
+        return x if y is None else y
 
     def _decode_natively(self, x, cos, sin, cache: KVCache) -> torch.Tensor | None:
-        """Every block of a decoding step in one native call (kernels.DecodeStack), or None.
+        """Every block of a decoding step and the final norm in one native call (kernels.DecodeStack), or None.
 
         It applies at inference on the CPU to blocks as built here: a LoRA or int8 layer, or a
         forward hook anywhere in the blocks, keeps the path of one module at a time. The blocks
@@ -413,9 +413,13 @@ class QwenForCausalLM(nn.Module):
                     layers = None
                     break
                 layers.append((*tensors, cache.k[i], cache.v[i]))
+            norm = self.model.norm
+            if type(norm) is not RMSNorm or norm._forward_hooks or norm._forward_pre_hooks:
+                layers = None
             if len(cache._stacks) >= 16:  # keys of an older structure, or row ranges of a server's cache
                 cache._stacks.clear()
-            known = cache._stacks[key] = (weakref.ref(self), layers and kernels.DecodeStack.build(layers))
+            stack = layers and kernels.DecodeStack.build(layers, final_norm=norm.weight)
+            known = cache._stacks[key] = (weakref.ref(self), stack)
         stack = known[1]
         return None if stack is None else stack(x, cos, sin, cache.lengths, cache.valid, self.config.rms_norm_eps)
 

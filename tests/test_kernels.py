@@ -250,12 +250,13 @@ def test_the_stack_steps_aside_for_lora_int8_and_hooks(monkeypatch):
     _decode(model, ids, mask, 2, torch.float32)
     assert len(calls) == 2
 
-    hooked = []
-    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: hooked.append(1))
-    calls.clear()
-    _decode(model, ids, mask, 2, torch.float32)  # a new generation (a new cache) checks again
-    assert calls == [] and len(hooked) == 3  # the prefill and both steps ran the hooked module
-    handle.remove()
+    for module in (model.model.layers[1].mlp, model.model.norm):
+        hooked = []
+        handle = module.register_forward_hook(lambda *a: hooked.append(1))
+        calls.clear()
+        _decode(model, ids, mask, 2, torch.float32)  # a new generation (a new cache) checks again
+        assert calls == [] and len(hooked) == 3  # the prefill and both steps ran the hooked module
+        handle.remove()
 
     for transform in (lambda m: apply_lora(m, r=4), quantize):
         model = random_model(tiny_config())

@@ -110,7 +110,7 @@ def _load() -> ctypes.CDLL | None:
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
                 fn.restype = ctypes.c_int
                 fn = getattr(lib, f"qwenkit_decode_layers_{suffix}")
-                fn.argtypes = ([ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7
+                fn.argtypes = ([ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 7
                                + [ctypes.c_float, ctypes.c_int])
                 fn.restype = ctypes.c_int
             lib.qwenkit_gemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
@@ -237,14 +237,18 @@ class DecodeStack:
     """A stack of blocks checked once for decode.c, which runs a decoding step through all of them
     in one native call. Build with `DecodeStack.build`; call with each step's inputs."""
 
-    def __init__(self, fn, pointers, n_layers: int, dtype: torch.dtype, dims: tuple[int, ...]):
+    def __init__(self, fn, pointers, n_layers: int, dtype: torch.dtype, dims: tuple[int, ...],
+                 final_norm: torch.Tensor | None = None):
         self._fn, self._pointers, self._n_layers, self.dtype, self._dims = fn, pointers, n_layers, dtype, dims
+        self.final_norm = final_norm
 
     @classmethod
-    def build(cls, layers: list[tuple]) -> "DecodeStack | None":
+    def build(cls, layers: list[tuple], final_norm: torch.Tensor | None = None) -> "DecodeStack | None":
         """layers: per block, its tensors in LAYER_TENSORS' order: weights (out, in), the q/k/v
-        biases or None, the caches (B, K, S, D). None where the kernel does not apply: every tensor
-        must be on the CPU, contiguous, in one dtype (fp32 or bf16), at most MAX_ROWS cache rows."""
+        biases or None, the caches (B, K, S, D); final_norm: the weight of an RMSNorm applied after
+        the last block (with the same eps), or None. None where the kernel does not apply: every
+        tensor must be on the CPU, contiguous, in one dtype (fp32 or bf16), at most MAX_ROWS cache
+        rows."""
         if not layers or len(layers[0]) != len(LAYER_TENSORS) or not enabled():
             return None
         dtype, k_cache = layers[0][0].dtype, layers[0][12]
@@ -262,13 +266,16 @@ class DecodeStack:
             for t, shape in zip(layer, shapes):
                 if t is not None and (t.shape != shape or t.dtype != dtype or not t.is_cpu or not t.is_contiguous()):
                     return None
+        if final_norm is not None and (final_norm.shape != (C,) or final_norm.dtype != dtype or not final_norm.is_cpu
+                                       or not final_norm.is_contiguous()):
+            return None
         lib = _load()
         if lib is None or not 0 < B <= MAX_ROWS or HD % D:
             return None
         pointers = (ctypes.c_void_p * (len(layers) * len(LAYER_TENSORS)))(
             *(None if t is None else t.data_ptr() for layer in layers for t in layer))
         stack = cls(getattr(lib, f"qwenkit_decode_layers_{suffix}"), pointers, len(layers), dtype,
-                    (B, C, HD // D, K, S, D, I))
+                    (B, C, HD // D, K, S, D, I), final_norm)
         stack._tensors = layers  # what the pointers point into stays alive as long as the stack
         return stack
 
@@ -276,7 +283,7 @@ class DecodeStack:
                  valid: torch.Tensor, eps: float) -> torch.Tensor | None:
         """x (B, 1, C): the new tokens' embeddings; cos, sin (B, 1, D): their rotary tables; slots
         (B,) and valid (B, S) as for decode_attention. Returns the last block's output (B, 1, C),
-        before the final norm; None where these inputs do not fit the stack."""
+        through the final norm where the stack has one; None where these inputs do not fit it."""
         B, C, H, K, S, D, I = self._dims
         if (x.shape != (B, 1, C) or cos.shape != (B, 1, D) or sin.shape != cos.shape or slots.shape != (B,)
                 or valid.shape != (B, S) or slots.dtype != torch.int64 or valid.dtype != torch.bool
@@ -284,7 +291,8 @@ class DecodeStack:
                 or not all(t.is_cpu and t.is_contiguous() for t in (cos, sin, slots, valid))):
             return None
         out = x.contiguous().clone()
-        status = self._fn(self._pointers, self._n_layers, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        norm = None if self.final_norm is None else self.final_norm.data_ptr()
+        status = self._fn(self._pointers, self._n_layers, norm, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                           slots.data_ptr(), valid.data_ptr(), B, C, H, K, S, D, I, eps, torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"qwenkit decode_layers rejected its inputs (status {status}): x {tuple(x.shape)}, "

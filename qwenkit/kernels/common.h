@@ -72,18 +72,23 @@ static inline vf exp_vf(vf x) {
 
 /* The next block [n0, n1) of N output rows for the calling thread, or 0 when all are taken. The
  * threads share `*next` (0 at the start) and take blocks as they go, a share of what is left
- * (at least 32 rows, whole cache lines of output): a thread that streams faster takes more, so
- * the threads finish within one small block of each other, where fixed halves could leave one
- * waiting on the other for several percent of the time. */
-static inline int claim(long *next, long N, int nt, long *n0, long *n1) {
+ * but at least `least` rows: a thread that streams faster takes more, so the threads finish
+ * within one small block of each other, where fixed halves could leave one waiting on the other
+ * for several percent of the time. */
+static inline int claim(long *next, long N, long least, int nt, long *n0, long *n1) {
     long left = N - __atomic_load_n(next, __ATOMIC_RELAXED);
-    long size = (left / (2 * nt) + 31) & ~31L;
-    if (size < 32) size = 32;
+    long size = left / (2 * nt) > least ? left / (2 * nt) : least;
     long start = __atomic_fetch_add(next, size, __ATOMIC_RELAXED);
     if (start >= N) return 0;
     *n0 = start;
     *n1 = start + size < N ? start + size : N;
     return 1;
+}
+
+/* rows of a block: about 64 KB of weights, 4 to 32 rows */
+static inline long least_rows(long row_bytes) {
+    long rows = 65536 / (row_bytes > 0 ? row_bytes : 1);
+    return rows < 4 ? 4 : rows > 32 ? 32 : rows;
 }
 
 /* What decode.c runs inside its own parallel region: gemv.c's products of rows [n0, n1), or of

@@ -35,8 +35,8 @@ static inline float f32_to_f32(float f) { return f; }
 
 /* act = silu(g) * u for columns [n0, n1) (the rows the same thread's gate and up products just
  * wrote); PyTorch's silu, x / (1 + exp(-x)), rounded to the dtype, then the rounded product.
- * Sixteen columns at a time from n0 (a multiple of 32), the last block partial, so a column's
- * value never depends on the block it falls in. */
+ * Sixteen columns at a time from n0, the last block partial: the lanes are computed apart, so
+ * a column's value never depends on the block it falls in. */
 #define SWIGLU(T, LOAD, STORE) \
     for (long m = 0; m < B; m++) \
         for (long n = m * I + n0; n < m * I + n1; n += 16) { \
@@ -47,12 +47,13 @@ static inline float f32_to_f32(float f) { return f; }
             for (int i = 0; i < width; i++) act[n + i] = STORE(LOAD(STORE(silu[i])) * LOAD(u[n + i])); \
         }
 
-/* p: L * PER_LAYER pointers; x (B, C), updated in place; cos, sin (B, D): this step's rotary
+/* p: L * PER_LAYER pointers; final_norm: the model's last norm's weight (C,), or NULL for none;
+ * x (B, C), updated in place; cos, sin (B, D): this step's rotary
  * tables; slot (B,), valid (B, S): as attention.c's. Caches (B, K, S, D); weights (out, in).
  * Returns -1 on bad sizes, -2 out of memory. */
 #define DECODE(NAME, T, GEMV, ROWS, ATTEND, NORM, LOAD, STORE) \
-int NAME(void *const *p, long L, T *x, const T *cos, const T *sin, const int64_t *slot, const uint8_t *valid, \
-         long B, long C, long H, long K, long S, long D, long I, float eps, int threads) { \
+int NAME(void *const *p, long L, const T *final_norm, T *x, const T *cos, const T *sin, const int64_t *slot, \
+         const uint8_t *valid, long B, long C, long H, long K, long S, long D, long I, float eps, int threads) { \
     if (L < 1 || B > MAX_ROWS || C < 1 || I < 1 || threads < 1 || !attention_sizes_ok(slot, B, H, K, S, D)) \
         return -1; \
     long HD = H * D, KD = K * D; \
@@ -81,7 +82,8 @@ int NAME(void *const *p, long L, T *x, const T *cos, const T *sin, const int64_t
             _Pragma("omp barrier") \
             if (t == 0) { ADD(T, LOAD, STORE) NORM(x, w[LN2], h, B, C, eps); } \
             _Pragma("omp barrier") \
-            while (claim(c + 4, I, nt, &n0, &n1)) { /* a block of gate and up rows, then its SwiGLU */ \
+            while (claim(c + 4, I, least_rows(2 * C * (long)sizeof(T)), nt, &n0, &n1)) { /* gate and up rows, \
+                                                                                   then their SwiGLU */ \
                 ROWS(h, w[WG], NULL, NULL, g, B, I, C, n0, n1); \
                 ROWS(h, w[WU], NULL, NULL, u, B, I, C, n0, n1); \
                 SWIGLU(T, LOAD, STORE) \
@@ -93,6 +95,7 @@ int NAME(void *const *p, long L, T *x, const T *cos, const T *sin, const int64_t
             if (t == 0) { ADD(T, LOAD, STORE) } \
         } \
     } \
+    if (final_norm) NORM(x, final_norm, x, B, C, eps); /* in place: each element is read before it is written */ \
     free(next); \
     free(h); \
     return failed ? -2 : 0; \

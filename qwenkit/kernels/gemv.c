@@ -59,22 +59,14 @@ static inline __attribute__((always_inline)) void NAME##_##M( \
 #define ROW_BF16(M) \
 static inline __attribute__((always_inline)) void row_bf16_##M( \
         const uint16_t *x, const uint16_t *w, long K, long kv, float *out) { \
-    __m512 a[M], c[M]; \
-    for (int m = 0; m < M; m++) a[m] = c[m] = _mm512_setzero_ps(); \
-    long k = 0; \
-    for (; k + 2 * STEP <= kv; k += 2 * STEP) { \
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + STEP); \
-        for (int m = 0; m < M; m++) { \
-            a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k)); \
-            c[m] = _mm512_dpbf16_ps(c[m], w1, (__m512bh)_mm512_loadu_si512(x + m * K + k + STEP)); \
-        } \
-    } \
-    if (k < kv) { \
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k); \
-        for (int m = 0; m < M; m++) a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k)); \
+    __m512 a[M]; \
+    for (int m = 0; m < M; m++) a[m] = _mm512_setzero_ps(); \
+    for (long k = 0; k < kv; k += STEP) { \
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k); \
+        for (int m = 0; m < M; m++) a[m] = _mm512_dpbf16_ps(a[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k)); \
     } \
     for (int m = 0; m < M; m++) { \
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(a[m], c[m])); \
+        float s = _mm512_reduce_add_ps(a[m]); \
         for (long k = kv; k < K; k++) s += bf16_to_f32(w[k]) * bf16_to_f32(x[m * K + k]); \
         out[m] = s; \
     } \
@@ -113,8 +105,8 @@ INTERNAL void NAME##_rows(const XT *x, const WT *w, const SCALE_T *scale, const 
 } \
 INTERNAL void NAME##_part(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, \
                           long K, long *next, int nt) { \
-    long n0, n1; \
-    while (claim(next, N, nt, &n0, &n1)) NAME##_rows(x, w, scale, b, y, M, N, K, n0, n1); \
+    long n0, n1, least = least_rows(K * (long)sizeof(WT)); \
+    while (claim(next, N, least, nt, &n0, &n1)) NAME##_rows(x, w, scale, b, y, M, N, K, n0, n1); \
 } \
 int NAME(const XT *x, const WT *w, const SCALE_T *scale, const XT *b, XT *y, long M, long N, long K, int threads) { \
     if (M < 1 || M > MAX_ROWS || N < 1 || K < 1 || threads < 1) return -1; \
