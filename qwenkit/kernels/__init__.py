@@ -8,10 +8,13 @@
 - `decode_attention`: a layer's attention for one new token per row (RoPE, the cache write, the
   attention itself) in one call instead of about thirty small PyTorch ops.
 - `rms_norm`: RMSNorm of a few rows in one call instead of about eight ops.
+- `DecodeStack`: a whole decoding step through every block and the final norm in one call
+  (decode.c), the threads in one parallel region; what QwenForCausalLM uses for plain blocks.
+- `argmax`: greedy decoding's pick over the vocabulary.
 
-The sources (*.c here, with common.h) are compiled once per machine with `$CC` (else cc, gcc or clang) and
-`-O3 -march=native -fopenmp`, into qwenkit's cache folder, and loaded with ctypes: no PyTorch
-headers, a build of about a second. Where there is no compiler, or the build fails, every function
+The sources (*.c here, with common.h) are compiled once per machine with `$CC` (else cc, gcc or
+clang) and `-O3 -march=native -fopenmp`, into qwenkit's cache folder, and loaded with ctypes: no
+PyTorch headers, a build of about a second. Where there is no compiler, or the build fails, every function
 here returns None after one warning and callers use PyTorch. `QWENKIT_KERNELS=0` turns them off.
 """
 
