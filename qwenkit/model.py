@@ -271,17 +271,17 @@ def _plain_block_tensors(block: nn.Module) -> tuple | None:
     attn, mlp, norm1, norm2 = mods["self_attn"], mods["mlp"], mods["input_layernorm"], mods["post_attention_layernorm"]
     if type(attn) is not Attention or type(mlp) is not MLP or type(norm1) is not RMSNorm or type(norm2) is not RMSNorm:
         return None
-    q, k, v, o = (attn._modules[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    gate, up, down = (mlp._modules[name] for name in ("gate_proj", "up_proj", "down_proj"))
-    for module in (block, attn, mlp, norm1, norm2, q, k, v, o, gate, up, down):
-        if module._forward_hooks or module._forward_pre_hooks or (module in (q, k, v, o, gate, up, down)
-                                                                  and type(module) is not Linear):
-            return None
+    q, k, v, o = linears = tuple(attn._modules[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    gate, up, down = mlp_linears = tuple(mlp._modules[name] for name in ("gate_proj", "up_proj", "down_proj"))
+    if any(type(m) is not Linear for m in linears + mlp_linears):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, norm1, norm2, *linears, *mlp_linears)):
+        return None
     if any(m._parameters["bias"] is not None for m in (o, gate, up, down)):
         return None
-    w = [m._parameters["weight"] for m in (norm1, q, k, v, o, norm2, gate, up, down)]
-    return (w[0], w[1], q._parameters["bias"], w[2], k._parameters["bias"], w[3], v._parameters["bias"], w[4], w[5],
-            w[6], w[7], w[8])
+    w = {m: m._parameters["weight"] for m in (norm1, q, k, v, o, norm2, gate, up, down)}
+    return (w[norm1], w[q], q._parameters["bias"], w[k], k._parameters["bias"], w[v], v._parameters["bias"], w[o],
+            w[norm2], w[gate], w[up], w[down])
 
 
 # Bumped whenever any module, parameter or buffer is assigned anywhere (LoRA layers, int8 layers,
@@ -406,19 +406,14 @@ class QwenForCausalLM(nn.Module):
         key = (id(self), _structure_version[0], x.dtype, cache.k[0].shape, cache.data_pointers())
         known = cache._stacks.get(key)
         if known is None or known[0]() is not self:
-            layers = []
-            for i, block in enumerate(self.model.layers):
-                tensors = _plain_block_tensors(block)
-                if tensors is None:
-                    layers = None
-                    break
-                layers.append((*tensors, cache.k[i], cache.v[i]))
-            norm = self.model.norm
-            if type(norm) is not RMSNorm or norm._forward_hooks or norm._forward_pre_hooks:
-                layers = None
+            norm, stack = self.model.norm, None
+            blocks = [_plain_block_tensors(block) for block in self.model.layers]
+            if (type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks) and blocks
+                    and None not in blocks):
+                layers = [(*tensors, cache.k[i], cache.v[i]) for i, tensors in enumerate(blocks)]
+                stack = kernels.DecodeStack.build(layers, final_norm=norm.weight)
             if len(cache._stacks) >= 16:  # keys of an older structure, or row ranges of a server's cache
                 cache._stacks.clear()
-            stack = kernels.DecodeStack.build(layers, final_norm=norm.weight) if layers else None
             known = cache._stacks[key] = (weakref.ref(self), stack)
         stack = known[1]
         return None if stack is None else stack(x, cos, sin, cache.lengths, cache.valid, self.config.rms_norm_eps)

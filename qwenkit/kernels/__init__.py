@@ -14,8 +14,9 @@
 
 The sources (*.c here, with common.h) are compiled once per machine with `$CC` (else cc, gcc or
 clang) and `-O3 -march=native -fopenmp`, into qwenkit's cache folder, and loaded with ctypes: no
-PyTorch headers, a build of about a second. Where there is no compiler, or the build fails, every function
-here returns None after one warning and callers use PyTorch. `QWENKIT_KERNELS=0` turns them off.
+PyTorch headers, a build of about a second. Where there is no compiler, or the build fails, every
+function here returns None after one warning and callers use PyTorch. `QWENKIT_KERNELS=0` turns
+them off.
 """
 
 from __future__ import annotations
@@ -240,10 +241,12 @@ class DecodeStack:
     """A stack of blocks checked once for decode.c, which runs a decoding step through all of them
     in one native call. Build with `DecodeStack.build`; call with each step's inputs."""
 
-    def __init__(self, fn, pointers, n_layers: int, dtype: torch.dtype, dims: tuple[int, ...],
+    def __init__(self, fn, layers: list[tuple], dtype: torch.dtype, dims: tuple[int, ...],
                  final_norm: torch.Tensor | None = None):
-        self._fn, self._pointers, self._n_layers, self.dtype, self._dims = fn, pointers, n_layers, dtype, dims
-        self.final_norm = final_norm
+        self._fn, self.dtype, self._dims, self.final_norm = fn, dtype, dims, final_norm
+        self._layers = layers  # what the pointers point into stays alive as long as the stack
+        self._pointers = (ctypes.c_void_p * (len(layers) * len(LAYER_TENSORS)))(
+            *(None if t is None else t.data_ptr() for layer in layers for t in layer))
 
     @classmethod
     def build(cls, layers: list[tuple], final_norm: torch.Tensor | None = None) -> "DecodeStack | None":
@@ -275,12 +278,8 @@ class DecodeStack:
         lib = _load()
         if lib is None or not 0 < B <= MAX_ROWS or HD % D:
             return None
-        pointers = (ctypes.c_void_p * (len(layers) * len(LAYER_TENSORS)))(
-            *(None if t is None else t.data_ptr() for layer in layers for t in layer))
-        stack = cls(getattr(lib, f"qwenkit_decode_layers_{suffix}"), pointers, len(layers), dtype,
-                    (B, C, HD // D, K, S, D, I), final_norm)
-        stack._tensors = layers  # what the pointers point into stays alive as long as the stack
-        return stack
+        return cls(getattr(lib, f"qwenkit_decode_layers_{suffix}"), layers, dtype, (B, C, HD // D, K, S, D, I),
+                   final_norm)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  valid: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -295,7 +294,7 @@ class DecodeStack:
             return None
         out = x.contiguous().clone()
         norm = None if self.final_norm is None else self.final_norm.data_ptr()
-        status = self._fn(self._pointers, self._n_layers, norm, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        status = self._fn(self._pointers, len(self._layers), norm, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                           slots.data_ptr(), valid.data_ptr(), B, C, H, K, S, D, I, eps, torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"qwenkit decode_layers rejected its inputs (status {status}): x {tuple(x.shape)}, "

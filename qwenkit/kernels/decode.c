@@ -27,17 +27,15 @@
 /* The tensors of one block, in this order, PER_LAYER pointers per block (bias pointers may be NULL). */
 enum { LN1, WQ, BQ, WK, BK, WV, BV, WO, LN2, WG, WU, WD, KC, VC, PER_LAYER };
 
-static inline float f32_to_f32(float f) { return f; }
-
 /* x (B, C) += y (B, C), rounded to the dtype as PyTorch's add is */
-#define ADD(T, LOAD, STORE) \
+#define ADD(LOAD, STORE) \
     for (long i = 0; i < B * C; i++) x[i] = STORE(LOAD(x[i]) + LOAD(y[i]));
 
 /* act = silu(g) * u for columns [n0, n1) (the rows the same thread's gate and up products just
  * wrote); PyTorch's silu, x / (1 + exp(-x)), rounded to the dtype, then the rounded product.
  * Sixteen columns at a time from n0, the last block partial: the lanes are computed apart, so
  * a column's value never depends on the block it falls in. */
-#define SWIGLU(T, LOAD, STORE) \
+#define SWIGLU(LOAD, STORE) \
     for (long m = 0; m < B; m++) \
         for (long n = m * I + n0; n < m * I + n1; n += 16) { \
             int width = m * I + n1 - n < 16 ? (int)(m * I + n1 - n) : 16; \
@@ -48,8 +46,8 @@ static inline float f32_to_f32(float f) { return f; }
         }
 
 /* p: L * PER_LAYER pointers; final_norm: the model's last norm's weight (C,), or NULL for none;
- * x (B, C), updated in place; cos, sin (B, D): this step's rotary
- * tables; slot (B,), valid (B, S): as attention.c's. Caches (B, K, S, D); weights (out, in).
+ * x (B, C), updated in place; cos, sin (B, D): this step's rotary tables; slot (B,), valid
+ * (B, S): as attention.c's. Caches (B, K, S, D); weights (out, in).
  * Returns -1 on bad sizes, -2 out of memory. */
 #define DECODE(NAME, T, GEMV, ROWS, ATTEND, NORM, LOAD, STORE) \
 int NAME(void *const *p, long L, const T *final_norm, T *x, const T *cos, const T *sin, const int64_t *slot, \
@@ -80,19 +78,19 @@ int NAME(void *const *p, long L, const T *final_norm, T *x, const T *cos, const 
             _Pragma("omp barrier") \
             GEMV(a, w[WO], NULL, NULL, y, B, C, HD, c + 3, nt); \
             _Pragma("omp barrier") \
-            if (t == 0) { ADD(T, LOAD, STORE) NORM(x, w[LN2], h, B, C, eps); } \
+            if (t == 0) { ADD(LOAD, STORE) NORM(x, w[LN2], h, B, C, eps); } \
             _Pragma("omp barrier") \
             while (claim(c + 4, I, least_rows(2 * C * (long)sizeof(T)), nt, &n0, &n1)) { /* gate and up rows, \
                                                                                    then their SwiGLU */ \
                 ROWS(h, w[WG], NULL, NULL, g, B, I, C, n0, n1); \
                 ROWS(h, w[WU], NULL, NULL, u, B, I, C, n0, n1); \
-                SWIGLU(T, LOAD, STORE) \
+                SWIGLU(LOAD, STORE) \
             } \
             _Pragma("omp barrier") \
             GEMV(act, w[WD], NULL, NULL, y, B, C, I, c + 5, nt); \
             _Pragma("omp barrier") \
             /* no barrier after this add: the next block's first step is thread 0's too */ \
-            if (t == 0) { ADD(T, LOAD, STORE) } \
+            if (t == 0) { ADD(LOAD, STORE) } \
         } \
     } \
     if (final_norm) NORM(x, final_norm, x, B, C, eps); /* in place: each element is read before it is written */ \
@@ -102,7 +100,7 @@ int NAME(void *const *p, long L, const T *final_norm, T *x, const T *cos, const 
 }
 
 DECODE(qwenkit_decode_layers_f32, float, qwenkit_gemv_f32_part, qwenkit_gemv_f32_rows, qwenkit_decode_attention_f32_part,
-       qwenkit_rms_norm_f32, f32_to_f32, f32_to_f32)
+       qwenkit_rms_norm_f32, SAME, SAME)
 DECODE(qwenkit_decode_layers_bf16, uint16_t, qwenkit_gemv_bf16_part, qwenkit_gemv_bf16_rows,
        qwenkit_decode_attention_bf16_part,
        qwenkit_rms_norm_bf16, bf16_to_f32, f32_to_bf16)
