@@ -154,19 +154,26 @@ def test_resume_refuses_a_changed_recipe(files, tmp_path):
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_fused_loss_equals_cross_entropy_in_value_and_gradient(smoothing):
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_fused_loss_equals_cross_entropy_in_value_and_gradient(smoothing, head_trains):
+    # A frozen head takes the vocabulary in tiles (37 columns: the last tile is partial) with an
+    # online softmax; a trained one whole chunks of rows.
     torch.manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.float64, requires_grad=head_trains)
+    w.data[:, 0] += torch.linspace(-30, 30, 300, dtype=torch.float64)  # the row maximum moves between tiles
     targets = torch.randint(0, 300, (37,))
-    ours = fused_linear_cross_entropy(h, w, targets, smoothing, chunk_rows=8)
+    ours = fused_linear_cross_entropy(h, w, targets, smoothing, chunk_rows=8, vocab_tile=37)
     (2.5 * ours).backward()
-    grads = h.grad.clone(), w.grad.clone()
+    grads = h.grad.clone(), (w.grad.clone() if head_trains else None)
     h.grad = w.grad = None
     ref = F.cross_entropy(h @ w.t(), targets, reduction="sum", label_smoothing=smoothing)
     (2.5 * ref).backward()
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(grads, (h.grad, w.grad), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(fused_linear_cross_entropy(h, w, targets, smoothing, vocab_tile=37), ref,
+                                   rtol=1e-12, atol=1e-10)
 
 
 def test_loss_head_equals_the_models_own_loss():

@@ -80,6 +80,55 @@ def test_peft_loads_qwenkit_adapter_with_the_same_logits(tmp_path):
     assert (ours - without).abs().max() > 1e-3
 
 
+def test_adapter_gradients_equal_pefts(tmp_path):
+    # One training step's loss and adapter gradients against PEFT on transformers' Qwen2, with the
+    # same adapter weights (B nonzero, so that every path of the update carries a gradient).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = random_model(tiny_config())
+    base.save_pretrained(tmp_path / "base")
+    model = _adapted().train()
+    save_model_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True).train()
+    model(IDS, labels=IDS).loss.backward()
+    peft_model(input_ids=IDS, labels=IDS).loss.backward()
+    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+              for n, p in peft_model.named_parameters() if p.requires_grad}
+    ours = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * len(ALL_LINEAR) * model.config.num_hidden_layers
+    for name, grad in ours.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_layer_equals_its_formula_in_value_and_gradient(dropout, bias):
+    # y = W x + b + scaling * B A dropout(x), every gradient, against the plain ops in fp64.
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 10, bias=bias, dtype=torch.float64), r=3, alpha=6.0, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(2, 5, 10, dtype=torch.float64)
+    torch.manual_seed(1)
+    y = layer(x)
+    (y * grad_y).sum().backward()
+    ours = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, dropout) if dropout else x
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias) + 2.0 * dropped @ a.t() @ b.t()
+    (ref * grad_y).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, [t.grad for t in (x, a, b)], rtol=1e-12, atol=1e-12)
+    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
+
+
 def test_adapter_saved_by_peft_loads_into_qwenkit(tmp_path):
     from peft import LoraConfig, get_peft_model
 
