@@ -142,6 +142,7 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: tor
     expected = dict(model.named_parameters())
     tied = getattr(model.config, "tie_word_embeddings", False)
     seen: set[str] = set()
+    buffers: dict = {}  # _read_tensor's conversion buffers, freed when the load ends
     for shard, names in checkpoint_files(folder).items():
         file = folder / shard
         header = read_header(file)
@@ -159,7 +160,7 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: tor
                                           f"the config asks for {list(param.shape)}")
                 f.seek(entry["data_start"])
                 try:
-                    tensor = _read_tensor(f, entry, dtype)
+                    tensor = _read_tensor(f, entry, dtype, buffers)
                 except EOFError:
                     raise CheckpointError(f"{file}: tensor '{name}' could not be read in full (truncated shard?)") from None
                 _set_parameter(model, name, tensor.to(device))
@@ -173,9 +174,12 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: tor
 _CHUNK_BYTES = 64 << 20
 
 
-def _read_tensor(f, entry: dict, dtype: torch.dtype) -> torch.Tensor:
+def _read_tensor(f, entry: dict, dtype: torch.dtype, buffers: dict) -> torch.Tensor:
     """Read one tensor at the file's position into a new CPU tensor of `dtype`. A dtype change goes
-    through a bounded buffer, so no full-size copy in the file's dtype ever exists."""
+    through a bounded buffer, so no full-size copy in the file's dtype ever exists. `buffers` keeps
+    that buffer (one per stored dtype) from one tensor to the next: a fresh one per tensor,
+    allocated and freed between the parameters, left holes in the heap that the process kept,
+    up to 400 MiB over the weights of the 0.5B model in one load of three."""
     stored = _DTYPES[entry["dtype"]]
     out = torch.empty(entry["shape"], dtype=dtype)
     flat = out.view(-1)
@@ -183,7 +187,9 @@ def _read_tensor(f, entry: dict, dtype: torch.dtype) -> torch.Tensor:
         _read_into(f, flat)
         return out
     step = max(_CHUNK_BYTES // stored.itemsize, 1)
-    buffer = torch.empty(min(step, flat.numel()), dtype=stored)
+    buffer = buffers.get(stored)
+    if buffer is None or buffer.numel() < min(step, flat.numel()):
+        buffers[stored] = buffer = torch.empty(min(step, flat.numel()), dtype=stored)
     for start in range(0, flat.numel(), step):
         part = buffer[: min(step, flat.numel() - start)]
         _read_into(f, part)

@@ -185,9 +185,9 @@ torch.ones(1)  # let torch settle its own allocations before the baseline
 open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
 base = status("VmRSS")
 model = qwenkit.checkpoint.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-peak = status("VmHWM")
+peak, kept = status("VmHWM"), status("VmRSS")
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
-print(weights, peak - base)
+print(weights, peak - base, kept - base)
 """
 
 
@@ -205,8 +205,12 @@ def half_b_checkpoint(tmp_path_factory):
 def test_loading_05b_peaks_near_weight_size(half_b_checkpoint, dtype):
     result = subprocess.run([sys.executable, "-c", MEASURE, str(half_b_checkpoint), dtype],
                             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": "."})
-    weights, peak = map(int, result.stdout.split())
+    weights, peak, kept = map(int, result.stdout.split())
     print(f"0.5B {dtype}: weights {weights / 2**20:.0f} MiB, load peak {peak / 2**20:.0f} MiB, "
-          f"ratio {peak / weights:.2f}")
+          f"ratio {peak / weights:.2f}, kept after the load {kept / weights:.2f}")
     assert weights > 0.9e9
-    assert peak <= 1.3 * weights
+    assert peak <= 1.15 * weights
+    # The checkpoint is bf16: the fp32 load converts through a buffer, which must not leave the
+    # process holding more than the weights and its fixed costs (about 80 MiB: code pages of torch
+    # touched for the first time, the modules); a buffer per tensor once left up to 400 MiB of holes.
+    assert kept - weights <= 128 * 2**20
