@@ -11,7 +11,6 @@ Shapes: B batch, T new tokens, S key slots, H query heads, K kv heads, D head di
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qwenkit import kernels
+from qwenkit import kernels, native
 from qwenkit.config import QwenConfig
 
 IGNORE_INDEX = -100
@@ -145,7 +144,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.max_len = max_len
         self._pointers: tuple[int, ...] | None = None
-        self._stacks: dict = {}  # the native decoders checked for this cache (QwenForCausalLM._decode_natively)
+        self._stacks: dict = {}  # the native decoders checked for this cache (qwenkit.native)
 
     def data_pointers(self) -> tuple[int, ...]:
         """The addresses of every layer's key and value storage (what the native decoder writes)."""
@@ -261,44 +260,6 @@ class Backbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
-def _plain_block_tensors(block: nn.Module) -> tuple | None:
-    """A block's weights in kernels.LAYER_TENSORS' order (without the caches), or None where the
-    block is not as built here (a LoRA or int8 layer, a hook). Reads the module dicts directly, which
-    is several times quicker than nn.Module's attribute lookup."""
-    if type(block) is not Block:
-        return None
-    mods = block._modules
-    attn, mlp, norm1, norm2 = mods["self_attn"], mods["mlp"], mods["input_layernorm"], mods["post_attention_layernorm"]
-    if type(attn) is not Attention or type(mlp) is not MLP or type(norm1) is not RMSNorm or type(norm2) is not RMSNorm:
-        return None
-    q, k, v, o = linears = tuple(attn._modules[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    gate, up, down = mlp_linears = tuple(mlp._modules[name] for name in ("gate_proj", "up_proj", "down_proj"))
-    if any(type(m) is not Linear for m in linears + mlp_linears):
-        return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, norm1, norm2, *linears, *mlp_linears)):
-        return None
-    if any(m._parameters["bias"] is not None for m in (o, gate, up, down)):
-        return None
-    w = {m: m._parameters["weight"] for m in (norm1, q, k, v, o, norm2, gate, up, down)}
-    return (w[norm1], w[q], q._parameters["bias"], w[k], k._parameters["bias"], w[v], v._parameters["bias"], w[o],
-            w[norm2], w[gate], w[up], w[down])
-
-
-# Bumped whenever any module, parameter or buffer is assigned anywhere (LoRA layers, int8 layers,
-# loading with assign=True) and when a model is moved or retyped: a checked DecodeStack is kept
-# only while this stays the same.
-_structure_version = [0]
-
-
-def _structure_changed(*_) -> None:
-    _structure_version[0] += 1
-
-
-nn.modules.module.register_module_module_registration_hook(_structure_changed)
-nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
-nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
-
-
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor  # (B, T, vocab); only the last `logits_to_keep` positions when that is set
@@ -391,36 +352,12 @@ class QwenForCausalLM(nn.Module):
         return x if y is None else y
 
     def _decode_natively(self, x, cos, sin, cache: KVCache) -> torch.Tensor | None:
-        """Every block of a decoding step and the final norm in one native call (kernels.DecodeStack), or None.
-
-        It applies at inference on the CPU to blocks as built here: a LoRA or int8 layer, or a
-        forward hook anywhere in the blocks, keeps the path of one module at a time. The blocks
-        are checked at a cache's first step, and the check is kept with the cache while no module,
-        parameter or buffer is assigned and the model is not moved: walking 24 blocks costs ~0.7 ms
-        per step once decoding has flushed the CPU's caches, 4% of a small model's step. (So a
-        forward hook added to a block's submodule during a generation is seen from the next one.)
-        """
-        if (not x.is_cpu or torch.is_grad_enabled() or not kernels.enabled()
-                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
-            return None
-        key = (id(self), _structure_version[0], x.dtype, cache.k[0].shape, cache.data_pointers())
-        known = cache._stacks.get(key)
-        if known is None or known[0]() is not self:
-            norm, stack = self.model.norm, None
-            blocks = [_plain_block_tensors(block) for block in self.model.layers]
-            if (type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks) and blocks
-                    and None not in blocks):
-                layers = [(*tensors, cache.k[i], cache.v[i]) for i, tensors in enumerate(blocks)]
-                stack = kernels.DecodeStack.build(layers, final_norm=norm.weight)
-            if len(cache._stacks) >= 16:  # keys of an older structure, or row ranges of a server's cache
-                cache._stacks.clear()
-            known = cache._stacks[key] = (weakref.ref(self), stack)
-        stack = known[1]
-        return None if stack is None else stack(x, cos, sin, cache.lengths, cache.valid, self.config.rms_norm_eps)
+        """Every block of a decoding step and the final norm in one native call, or None (qwenkit.native)."""
+        return native.decode_step(self, x, cos, sin, cache)
 
     def _apply(self, *args, **kwargs):
         """Moving or retyping the model (to, float, bfloat16...) swaps its tensors' storage."""
-        _structure_changed()
+        native.structure_changed()
         return super()._apply(*args, **kwargs)
 
     def _mask_and_positions(self, input_ids, attention_mask, position_ids, cache):

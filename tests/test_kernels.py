@@ -288,11 +288,12 @@ def test_the_stack_follows_a_model_moved_to_another_dtype(monkeypatch):
 def test_the_stack_declines_what_it_does_not_cover():
     from reference import random_model, tiny_config
 
-    from qwenkit.model import KVCache, _plain_block_tensors
+    from qwenkit.model import KVCache
+    from qwenkit.native import plain_block_tensors
 
     model = random_model(tiny_config())
     cache = KVCache(model.config, 2, 16)
-    layers = [(*_plain_block_tensors(b), cache.k[i], cache.v[i]) for i, b in enumerate(model.model.layers)]
+    layers = [(*plain_block_tensors(b), cache.k[i], cache.v[i]) for i, b in enumerate(model.model.layers)]
     assert kernels.DecodeStack.build(layers) is not None
     assert kernels.DecodeStack.build([(*layers[0][:1], layers[0][1].t(), *layers[0][2:])]) is None  # strided
     assert kernels.DecodeStack.build([tuple(t if t is None else t.half() for t in layers[0])]) is None  # fp16
