@@ -3,9 +3,9 @@
 A random-init Qwen2.5-0.5B-shaped checkpoint (made by `qwenkit new`), greedy, a 128-token prompt
 and 64 new tokens, fp32 and bf16, batch 1 and 8. Each library runs its own `generate`, alternating,
 best of --repeats. Prefill is the time to the first token; decode is the rest. The roofline is
-the bytes of weights read per decoded token against this machine's read bandwidth, read here just
-before and just after every timed run (the machine moves between bandwidth regimes within minutes):
-each run's share is against the higher of its two readings, and each library's best run counts.
+the bytes of weights read per decoded token against this machine's read bandwidth, measured here
+beside every timed run (the machine moves between bandwidth regimes over minutes; each row uses
+the highest reading taken beside its own runs).
 
     python benchmarks/bench_generate.py [--repeats 2] [--quick]
 """
@@ -65,15 +65,6 @@ def bandwidth_now(seconds: float = 1.0) -> float:
     while time.perf_counter() - start < seconds:
         best = max(best, buf.numel() * 4 / _timed(buf.sum))
     return best
-
-
-def roofline_share(tok_s: float, read: int, before: float, after: float) -> tuple[float, float]:
-    """(share of the roofline, bandwidth) of one run: its decode rate against the bandwidth of its
-    own moment, the higher of the readings taken just before and just after it. The machine moves
-    between bandwidth regimes within minutes, so a reading beside another run says little of this
-    one; the higher of the two is the conservative choice when the regime changed during the run."""
-    bandwidth = max(before, after)
-    return tok_s / (bandwidth / read), bandwidth
 
 
 def _timed(fn) -> float:
@@ -182,19 +173,19 @@ def main() -> None:
             gen = torch.Generator().manual_seed(batch)
             ids = torch.randint(0, 151643, (batch, PROMPT), generator=gen)
             mask = torch.ones_like(ids)
-            results, shares, before = {}, {"qwenkit": [], "transformers": []}, bandwidth_now()
+            results, readings = {}, []
             for _ in range(args.repeats):  # alternate the libraries, keep each one's best
                 for name, fn, model in (("qwenkit", run_qwenkit, ours), ("transformers", run_hf, theirs)):
+                    readings.append(bandwidth_now())
                     r = measure(fn, model, ids, mask)
-                    after = bandwidth_now()
-                    shares[name].append(roofline_share(batch * (NEW - 1) / r[1], read, before, after))
-                    before = after
                     old = results.get(name)
                     results[name] = r if old is None else (min(old[0], r[0]), min(old[1], r[1]), r[2])
             same = torch.equal(results["qwenkit"][2], results["transformers"][2])
             match = (results["qwenkit"][2][:, PROMPT:] == results["transformers"][2][:, PROMPT:]).float().mean().item()
+            readings.append(bandwidth_now())
+            # The roofline of the moment: the highest bandwidth read beside this row's runs.
             row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "same": same, "match": match,
-                   "share": {name: max(s) for name, s in shares.items()}}
+                   "roofline": max(readings) / read, "bandwidth": max(readings)}
             for name, (pre, dec, _) in results.items():
                 row[name] = (batch * PROMPT / pre, batch * (NEW - 1) / dec, peak_memory(name, folder, dtype, batch))
             rows.append(row)
@@ -237,19 +228,17 @@ def int8_report(folder: Path, repeats: int) -> str:
         kernels.gemv_int8 = (lambda *a: None) if name == "int8, PyTorch's kernel" else native_int8
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         read = decode_bytes(model)
-        before, decode, shares = bandwidth_now(), float("inf"), []
+        readings, decode = [bandwidth_now()], float("inf")
         for _ in range(repeats):
-            run = measure(run_qwenkit, model, ids, mask)[1]
-            after = bandwidth_now()
-            shares.append(roofline_share((NEW - 1) / run, read, before, after))
-            decode, before = min(decode, run), after
-        share, bandwidth = max(shares)
+            decode = min(decode, measure(run_qwenkit, model, ids, mask)[1])
+            readings.append(bandwidth_now())
+        bandwidth = max(readings)
         out = run_qwenkit(model, ids, mask, NEW)
         ref_out = out if ref_out is None else ref_out
         with torch.inference_mode():
             err = (model(ids).logits.float() - ref_logits).abs()
         tok_s = (NEW - 1) / decode
-        lines.append(f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {share:.0%} of "
+        lines.append(f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {tok_s / (bandwidth / read):.0%} of "
                      f"{bandwidth / read:.1f} ({bandwidth / 1e9:.0f} GB/s) | "
                      f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
                      f"{err.max():.3f} / {err.mean():.4f} |")
@@ -301,13 +290,13 @@ def format_row(r) -> str:
 
 def table(rows) -> str:
     lines = ["| dtype | batch | prefill tok/s qwenkit / transformers (ratio) | decode tok/s qwenkit / transformers "
-             "(ratio) | decode share of roofline, best run (its bandwidth), qwenkit / transformers | peak MiB "
-             "(load + generate) qwenkit / transformers | same tokens |",
+             "(ratio) | decode share of roofline (qwenkit / transformers) | peak MiB (load + generate) qwenkit / "
+             "transformers | same tokens |",
              "| --- | ---: | --- | --- | --- | --- | --- |"]
     for r in rows:
         q, t = r["qwenkit"], r["transformers"]
-        share = " / ".join(f"{r['share'][name][0]:.0%} ({r['share'][name][1] / 1e9:.0f} GB/s)"
-                           for name in ("qwenkit", "transformers")) if r["batch"] == 1 else ""
+        share = (f"{q[1] / r['roofline']:.0%} / {t[1] / r['roofline']:.0%} of {r['roofline']:.1f} tok/s "
+                 f"({r['bandwidth'] / 1e9:.0f} GB/s)" if r["batch"] == 1 else "")
         lines.append(f"| {r['dtype']} | {r['batch']} | {q[0]:.0f} / {t[0]:.0f} ({q[0] / t[0]:.2f}x) | "
                      f"{q[1]:.1f} / {t[1]:.1f} ({q[1] / t[1]:.2f}x) | {share} | {q[2] / 2**20:.0f} / "
                      f"{t[2] / 2**20:.0f} | {'yes' if r['same'] else format(r['match'], '.0%')} |")
