@@ -124,6 +124,7 @@ def _frozen_head(h, weight, targets, eps: float, chunk_rows: int | None, vocab_t
     grad_h = torch.empty_like(h) if need_h else None  # (N, C)
     in_acc = h.dtype == weight.dtype == acc  # the products can write fp32 tiles directly
     buf = torch.empty(rows, tile, dtype=acc, device=h.device) if in_acc else None
+    column_sum = weight.sum(0, dtype=acc) if eps and need_h else None  # (C,): sum_v W[v]
     for start in range(0, N, rows):
         hc, tc = h[start:start + rows], targets[start:start + rows]  # (n, C), (n,)
         n = hc.shape[0]
@@ -158,7 +159,7 @@ def _frozen_head(h, weight, targets, eps: float, chunk_rows: int | None, vocab_t
         if need_h:
             grad.div_(total[:, None]).sub_(target_rows, alpha=1 - eps)
             if eps:
-                grad.sub_(weight.sum(0, dtype=acc), alpha=eps / V)
+                grad.sub_(column_sum, alpha=eps / V)
             grad_h[start:start + rows] = grad
     return loss, grad_h
 
