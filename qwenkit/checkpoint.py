@@ -179,7 +179,7 @@ def _read_tensor(f, entry: dict, dtype: torch.dtype, buffers: dict) -> torch.Ten
     through a bounded buffer, so no full-size copy in the file's dtype ever exists. `buffers` keeps
     that buffer (one per stored dtype) from one tensor to the next: a fresh one per tensor,
     allocated and freed between the parameters, left holes in the heap that the process kept,
-    up to 400 MiB over the weights of the 0.5B model in one load of three."""
+    up to 400 MiB over the weights of the 0.5B model, in two loads of three."""
     stored = _DTYPES[entry["dtype"]]
     out = torch.empty(entry["shape"], dtype=dtype)
     flat = out.view(-1)
