@@ -37,11 +37,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 need_h: bool, need_w: bool):
         # h (N, C); weight (V, C); targets (N,), all valid (no ignore index)
         if need_w:
-            loss, grad_h, grad_w = _trained_head(h, weight, targets, label_smoothing, chunk_rows or DEFAULT_CHUNK_ROWS,
-                                                 need_h)
+            loss, grad_h, grad_w = _trained_head(h, weight, targets, label_smoothing, chunk_rows, need_h)
         else:
-            (loss, grad_h), grad_w = _frozen_head(h, weight, targets, label_smoothing, chunk_rows, vocab_tile,
-                                                  need_h), None
+            loss, grad_h = _frozen_head(h, weight, targets, label_smoothing, chunk_rows, vocab_tile, need_h)
+            grad_w = None
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.need = (need_h, need_w)
         ctx.used = False
@@ -65,11 +64,20 @@ def _accumulator(h: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 when the inputs are
 
 
-def _trained_head(h, weight, targets, eps: float, chunk_rows: int, need_h: bool):
+def _logits(hc: torch.Tensor, w: torch.Tensor, buf: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """(n, t) logits hc @ w.T in the accumulator's dtype: written into `buf` (a reused buffer, where
+    the inputs are already in that dtype), else computed in the inputs' dtype and converted."""
+    if buf is not None:
+        return torch.mm(hc, w.t(), out=buf[:hc.shape[0], :w.shape[0]])
+    return (hc @ w.t()).to(acc)
+
+
+def _trained_head(h, weight, targets, eps: float, chunk_rows: int | None, need_h: bool):
     """Loss, d loss / d h and d loss / d weight, a chunk of rows at a time over the whole vocabulary:
     the weight's gradient needs each row's normalized softmax, so a chunk's logits are built whole."""
     N, V = h.shape[0], weight.shape[0]
     acc = _accumulator(h)
+    chunk_rows = chunk_rows or DEFAULT_CHUNK_ROWS
     loss = torch.zeros((), dtype=acc, device=h.device)
     grad_h = torch.empty_like(h) if need_h else None  # (N, C)
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # (V, C)
@@ -78,10 +86,7 @@ def _trained_head(h, weight, targets, eps: float, chunk_rows: int, need_h: bool)
     buf = torch.empty(min(chunk_rows, N), V, dtype=acc, device=h.device) if h.dtype == weight.dtype == acc else None
     for start in range(0, N, chunk_rows):
         hc, tc = h[start:start + chunk_rows], targets[start:start + chunk_rows]  # (n, C), (n,)
-        if buf is not None:
-            logits = torch.mm(hc, weight.t(), out=buf[:hc.shape[0]])  # (n, V)
-        else:
-            logits = (hc @ weight.t()).to(acc)  # (n, V)
+        logits = _logits(hc, weight, buf, acc)  # (n, V)
         # The softmax is built in place in `logits`: every pass over (n, V) costs as much as a
         # small matrix product on a CPU, so there are five, where log_softmax and its backward take ten.
         top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
@@ -123,7 +128,7 @@ def _frozen_head(h, weight, targets, eps: float, chunk_rows: int | None, vocab_t
     loss = torch.zeros((), dtype=acc, device=h.device)
     grad_h = torch.empty_like(h) if need_h else None  # (N, C)
     in_acc = h.dtype == weight.dtype == acc  # the products can write fp32 tiles directly
-    buf = torch.empty(rows, tile, dtype=acc, device=h.device) if in_acc else None
+    buf = torch.empty(rows, tile, dtype=acc, device=h.device) if in_acc else None  # one tile, reused
     column_sum = weight.sum(0, dtype=acc) if eps and need_h else None  # (C,): sum_v W[v]
     for start in range(0, N, rows):
         hc, tc = h[start:start + rows], targets[start:start + rows]  # (n, C), (n,)
@@ -134,10 +139,7 @@ def _frozen_head(h, weight, targets, eps: float, chunk_rows: int | None, vocab_t
         grad = torch.zeros(n, h.shape[1], dtype=acc, device=h.device) if need_h else None  # (n, C), times total
         for v0 in range(0, V, tile):
             w = weight[v0:v0 + tile]  # (t, C)
-            if in_acc:
-                logits = torch.mm(hc, w.t(), out=buf[:n, :w.shape[0]])  # (n, t)
-            else:
-                logits = (hc @ w.t()).to(acc)  # (n, t)
+            logits = _logits(hc, w, buf, acc)  # (n, t)
             if eps:
                 logit_sum += logits.sum(-1)
             new_top = torch.maximum(top, logits.amax(-1))  # (n,)
