@@ -24,11 +24,30 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTor
 }
 
 static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf round_f32(vf v) { return v; }
 static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 -> 16 fp32, exact */
     vh h; memcpy(&h, p, sizeof h);
     vu u = __builtin_convertvector(h, vu) << 16;
     vf f; memcpy(&f, &u, sizeof f); return f;
 }
+/* 16 fp32 -> 16 bf16 as f32_to_bf16 rounds each, and the fp32 value of that rounding */
+static inline vu bf16_bits(vf f) {
+    vu u;
+    memcpy(&u, &f, sizeof u);
+    vu nan = (vu)((u & 0x7fffffff) > 0x7f800000);
+    return (((u >> 16) | 0x40) & nan) | (((u + 0x7fff + ((u >> 16) & 1)) >> 16) & ~nan);
+}
+static inline void store_bf16(uint16_t *p, vf f) {
+    vh h = __builtin_convertvector(bf16_bits(f), vh);
+    memcpy(p, &h, sizeof h);
+}
+static inline vf round_bf16(vf f) {
+    vu u = bf16_bits(f) << 16;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* The sum of the lanes as a tree (8 pairs, then 4, 2, 1): four dependent additions, not fifteen,
  * so a row's sum does not hold up the stream; the same order on every machine. */
 static inline float hsum(vf v) {
@@ -50,11 +69,23 @@ static inline float hsum(vf v) {
 typedef int32_t vi32 __attribute__((vector_size(64)));
 static inline vf exp_vf(vf x) {
     vf n;
+#if defined(__AVX512F__) /* GCC leaves the loop below as sixteen scalar roundings */
+    __m512 m;
+    memcpy(&m, &x, sizeof m);
+    /* the constant first: vmaxps and vminps return their second operand where either is NaN */
+    m = _mm512_min_ps(_mm512_set1_ps(88.3762f), _mm512_max_ps(_mm512_set1_ps(-87.3365f), m));
+    memcpy(&x, &m, sizeof x);
+    vf t = x * 1.44269504088896341f + 0.5f;
+    memcpy(&m, &t, sizeof m);
+    m = _mm512_roundscale_ps(m, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    memcpy(&n, &m, sizeof n);
+#else
     for (int i = 0; i < 16; i++) {
         float c = x[i] < -87.3365f ? -87.3365f : x[i] > 88.3762f ? 88.3762f : x[i];
         x[i] = c;
         n[i] = __builtin_floorf(c * 1.44269504088896341f + 0.5f);
     }
+#endif
     vf r = x - n * 0.693359375f - n * -2.12194440e-4f; /* x - n ln2, ln2 in two parts */
     vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
