@@ -116,7 +116,9 @@ def _decode(model, ids, mask, steps, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [16, 12])  # 12: not a multiple of the kernel's 16 lanes
+# 32: RoPE sixteen lanes at a time (half a head a multiple of 16); 16 and 12: one lane at a time,
+# and 12 not a multiple of the kernel's 16 lanes anywhere
+@pytest.mark.parametrize("head_dim", [32, 16, 12])
 def test_decode_attention_equals_the_pytorch_path(monkeypatch, dtype, head_dim):
     from dataclasses import replace
 
@@ -198,7 +200,7 @@ def _padded_batch(seed=3, rows=3, length=9):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [16, 12])
+@pytest.mark.parametrize("head_dim", [32, 16, 12])
 def test_the_whole_stack_in_one_call_equals_the_other_paths(monkeypatch, dtype, head_dim):
     from dataclasses import replace
 

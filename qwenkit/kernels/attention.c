@@ -1,9 +1,10 @@
 /* One decoding step of attention: one new token per row, against the static KV cache.
  *
  * For each row b and kv head j: rotate the new key (RoPE, rotate-half layout), write it and the
- * new value into the cache at the row's slot, then for each query head that shares kv head j,
- * rotate the query and attend over the row's visible slots (slot s < the row's new slot where
- * valid[b, s], and the new slot itself). Scores, softmax and the weighted sum are fp32.
+ * new value into the cache at the row's slot, rotate the query heads that share kv head j, and
+ * attend over the row's visible slots (slot s < the row's new slot where valid[b, s], and the new
+ * slot itself). Scores, softmax and the weighted sum are fp32; each cached key and value is read
+ * once for all the heads of its group, not once per head.
  *
  * RoPE rounds as PyTorch's `x * cos + rotate_half(x) * sin` does in the model's dtype (a
  * rounding after each product and after the sum), so the cache holds the same keys either way;
@@ -71,7 +72,7 @@ INTERNAL int attention_sizes_ok(const int64_t *slot, long B, long H, long K, lon
  * slots holding real tokens; out (B, H, D). NAME##_part does thread t's share of the (row, kv
  * head) pairs, for callers inside a parallel region (decode.c), and returns nonzero if it ran out
  * of memory; NAME checks the sizes (-1 if bad) and runs every share (-2 if out of memory). */
-#define ATTEND(NAME, T, LOAD, VLOAD, ROUND, STORE, DOT) \
+#define ATTEND(NAME, T, LOAD, VLOAD, ROUND, VROUND, STORE, VSTORE, DOT) \
 INTERNAL int NAME##_part(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, T *vc, \
                 const int64_t *slot, const uint8_t *valid, T *out, long B, long H, long K, long S, long D, \
                 int t, int nt) { \
@@ -83,41 +84,81 @@ INTERNAL int NAME##_part(const T *q, const T *k, const T *v, const T *cos, const
         long b = bj / K, j = bj % K, s_new = slot[b]; \
         const T *cs = cos + b * D, *sn = sin + b * D; \
         T *kr = kc + (bj * S) * D, *vr = vc + (bj * S) * D; \
-        float *scores = malloc(sizeof(float) * (s_new + 1)); \
-        float x[512], acc[512]; \
+        long n = s_new + 1; /* this row's slots, the new one last */ \
+        float *scores = malloc(sizeof(float) * G * (n + 2 * D + 1)); /* (G, n); x, acc (G, D); total (G,) */ \
         if (!scores) { failed = 1; continue; } \
-        for (long d = 0; d < D; d++) { /* rotate the new key into the cache; copy the value */ \
-            float r = d < half ? -LOAD(k, bj * D + d + half) : LOAD(k, bj * D + d - half); \
-            STORE(kr, s_new * D + d, ROUND(ROUND(LOAD(k, bj * D + d) * LOAD(cs, d)) + ROUND(r * LOAD(sn, d)))); \
-            vr[s_new * D + d] = v[bj * D + d]; \
-        } \
-        for (long g = 0; g < G; g++) { \
-            long h = j * G + g; \
-            const T *qh = q + (b * H + h) * D; \
+        float *x = scores + G * n, *acc = x + G * D, *total = acc + G * D; \
+        const T *kn = k + bj * D; /* rotate the new key into the cache; copy the value */ \
+        if (half % 16 == 0) /* sixteen lanes at a time, each half apart: the same roundings */ \
+            for (long d = 0; d < D; d += 16) { \
+                vf r = d < half ? -VLOAD(kn + d + half) : VLOAD(kn + d - half); \
+                VSTORE(kr + s_new * D + d, VROUND(VLOAD(kn + d) * VLOAD(cs + d)) + VROUND(r * VLOAD(sn + d))); \
+            } \
+        else \
             for (long d = 0; d < D; d++) { \
-                float r = d < half ? -LOAD(qh, d + half) : LOAD(qh, d - half); \
-                x[d] = ROUND(ROUND(LOAD(qh, d) * LOAD(cs, d)) + ROUND(r * LOAD(sn, d))); \
+                float r = d < half ? -LOAD(kn, d + half) : LOAD(kn, d - half); \
+                STORE(kr, s_new * D + d, ROUND(ROUND(LOAD(kn, d) * LOAD(cs, d)) + ROUND(r * LOAD(sn, d)))); \
             } \
-            float top = -INFINITY; \
-            for (long s = 0; s <= s_new; s++) { \
-                if (s != s_new && !valid[b * S + s]) { scores[s] = -INFINITY; continue; } \
-                scores[s] = DOT(x, kr + s * D, D) * scale; \
-                if (scores[s] > top) top = scores[s]; \
+        memcpy(vr + s_new * D, v + bj * D, sizeof(T) * D); \
+        for (long g = 0; g < G; g++) { /* rotate the query heads that share kv head j */ \
+            const T *qh = q + (b * H + j * G + g) * D; \
+            float *xg = x + g * D; \
+            if (half % 16 == 0) \
+                for (long d = 0; d < D; d += 16) { \
+                    vf r = d < half ? -VLOAD(qh + d + half) : VLOAD(qh + d - half); \
+                    store_f32(xg + d, VROUND(VROUND(VLOAD(qh + d) * VLOAD(cs + d)) + VROUND(r * VLOAD(sn + d)))); \
+                } \
+            else \
+                for (long d = 0; d < D; d++) { \
+                    float r = d < half ? -LOAD(qh, d + half) : LOAD(qh, d - half); \
+                    xg[d] = ROUND(ROUND(LOAD(qh, d) * LOAD(cs, d)) + ROUND(r * LOAD(sn, d))); \
+                } \
+        } \
+        /* Scores: each cached key is read once for all G heads, 8 heads at a time in registers; \
+         * each (head, slot) is summed as DOT sums it. */ \
+        for (long s = 0; s < n; s++) { \
+            const T *ks = kr + s * D; \
+            if (s != s_new && !valid[b * S + s]) { \
+                for (long g = 0; g < G; g++) scores[g * n + s] = -INFINITY; \
+                continue; \
             } \
-            float total = softmax_weights(scores, s_new + 1, top); \
-            for (long d = 0; d < D; d++) acc[d] = 0; \
-            for (long s = 0; s <= s_new; s++) { \
-                float p = scores[s]; \
+            if (D % 16) { \
+                for (long g = 0; g < G; g++) scores[g * n + s] = DOT(x + g * D, ks, D) * scale; \
+                continue; \
+            } \
+            for (long g0 = 0; g0 < G; g0 += 8) { \
+                int m = G - g0 < 8 ? (int)(G - g0) : 8; \
+                vf sum[8] = {{0}}; \
+                for (long d = 0; d < D; d += 16) { \
+                    vf kv = VLOAD(ks + d); \
+                    for (int i = 0; i < m; i++) sum[i] += load_f32(x + (g0 + i) * D + d) * kv; \
+                } \
+                for (int i = 0; i < m; i++) scores[(g0 + i) * n + s] = hsum(sum[i]) * scale; \
+            } \
+        } \
+        for (long g = 0; g < G; g++) { /* softmax, then the weighted sum of the values */ \
+            float *sg = scores + g * n, top = -INFINITY; \
+            for (long s = 0; s < n; s++) top = sg[s] > top ? sg[s] : top; \
+            total[g] = softmax_weights(sg, n, top); \
+        } \
+        memset(acc, 0, sizeof(float) * G * D); \
+        for (long s = 0; s < n; s++) { \
+            const T *vs = vr + s * D; \
+            for (long g = 0; g < G; g++) { \
+                float p = scores[g * n + s], *ag = acc + g * D; \
                 if (p == 0.0f) continue; /* a masked slot */ \
                 if (D % 16 == 0) \
-                    for (long d = 0; d < D; d += 16) { \
-                        vf a = load_f32(acc + d) + p * VLOAD(vr + s * D + d); \
-                        memcpy(acc + d, &a, sizeof a); \
-                    } \
+                    for (long d = 0; d < D; d += 16) store_f32(ag + d, load_f32(ag + d) + p * VLOAD(vs + d)); \
                 else \
-                    for (long d = 0; d < D; d++) acc[d] += p * LOAD(vr, s * D + d); \
+                    for (long d = 0; d < D; d++) ag[d] += p * LOAD(vs, d); \
             } \
-            for (long d = 0; d < D; d++) STORE(out, (b * H + h) * D + d, acc[d] / total); \
+        } \
+        for (long g = 0; g < G; g++) { \
+            T *og = out + (b * H + j * G + g) * D; \
+            if (D % 16 == 0) \
+                for (long d = 0; d < D; d += 16) VSTORE(og + d, load_f32(acc + g * D + d) / total[g]); \
+            else \
+                for (long d = 0; d < D; d++) STORE(og, d, acc[g * D + d] / total[g]); \
         } \
         free(scores); \
     } \
@@ -133,5 +174,5 @@ int NAME(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, 
     return failed ? -2 : 0; \
 }
 
-ATTEND(qwenkit_decode_attention_f32, float, f32_load, load_f32, f32_round, f32_store, dot_f32)
-ATTEND(qwenkit_decode_attention_bf16, uint16_t, bf16_load, load_bf16, bf16_round, bf16_store, dot_bf16)
+ATTEND(qwenkit_decode_attention_f32, float, f32_load, load_f32, f32_round, round_f32, f32_store, store_f32, dot_f32)
+ATTEND(qwenkit_decode_attention_bf16, uint16_t, bf16_load, load_bf16, bf16_round, round_bf16, bf16_store, store_bf16, dot_bf16)
