@@ -254,7 +254,13 @@ class Backbone(nn.Module):
 
     def __init__(self, config: QwenConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # nn.Embedding's own N(0, 1) init is the one op of the model that PyTorch's meta device runs
+        # in Python: on first use it imports ~830 modules (73 MiB, 1.3 s) for a tensor that a load
+        # or init_weights overwrites. Given its weight, the module skips it.
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)

@@ -1,5 +1,7 @@
 """Parity with transformers' Qwen2 (and Llama) on the same random weights, fp32 on CPU."""
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -145,6 +147,18 @@ def test_meta_construction_allocates_nothing():
         model = QwenForCausalLM(PRESETS["qwen2.5-72b"])
     assert all(p.is_meta for p in model.parameters())
     assert model.num_parameters() > 70e9
+
+
+def test_building_on_the_meta_device_imports_no_compiler():
+    # nn.Embedding's default init on the meta device runs in Python and imports torch._dynamo,
+    # torch._inductor and sympy (~830 modules, 73 MiB of a load's memory); the model skips it.
+    code = ("import sys, torch, qwenkit\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "with torch.device('meta'):\n"
+            "    qwenkit.QwenForCausalLM(qwenkit.PRESETS['qwen2.5-0.5b'])\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_init_weights_is_seeded_and_scaled():
