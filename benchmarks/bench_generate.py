@@ -4,10 +4,11 @@ A random-init Qwen2.5-0.5B-shaped checkpoint (made by `qwenkit new`), greedy, a 
 and 64 new tokens, fp32 and bf16, batch 1 and 8. Each library runs its own `generate`, alternating,
 best of --repeats. Prefill is the time to the first token; decode is the rest. The roofline is
 the bytes of weights read per decoded token against this machine's read bandwidth, measured here
-beside every timed run (the machine moves between bandwidth regimes over minutes; each row uses
-the highest reading taken beside its own runs).
+beside every run: the machine moves between bandwidth regimes over minutes, so at batch 1 each
+library decodes --share-runs more times, each run between two readings, and the share is the
+median over those runs of tok/s against the roofline of the higher of its two readings.
 
-    python benchmarks/bench_generate.py [--repeats 2] [--quick]
+    python benchmarks/bench_generate.py [--repeats 2] [--share-runs 5] [--quick]
 """
 
 from __future__ import annotations
@@ -88,6 +89,25 @@ def ensure_checkpoint(path: Path) -> Path:
     return path
 
 
+def bracketed_runs(fn, model, ids, mask, runs: int) -> list[tuple[float, float]]:
+    """[(decode tok/s, bandwidth)] of `runs` runs, each between two bandwidth readings, the higher
+    of which is the run's own. A regime holds for minutes, so most runs see one throughout; the
+    median share is robust to the odd run during which it changed (read too low) or burst (too
+    high), where a row's single highest reading set against its best run is not."""
+    out = []
+    for _ in range(runs):
+        before = bandwidth_now()
+        decode = measure(fn, model, ids, mask)[1]
+        out.append(((NEW - 1) / decode, max(before, bandwidth_now())))
+    return out
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def run_qwenkit(model, ids, mask, n):
     return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=[])
 
@@ -148,6 +168,8 @@ def main() -> None:
         return probe_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--share-runs", type=int, default=5,
+                        help="bracketed runs per library at batch 1 for the roofline share")
     parser.add_argument("--int8", action="store_true", help="also compare int8 weight-only quantization")
     parser.add_argument("--quick", action="store_true", help="batch 1, fp32 only (a smoke run)")
     parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "bench-qwen2.5-0.5b"))
@@ -177,19 +199,20 @@ def main() -> None:
             gen = torch.Generator().manual_seed(batch)
             ids = torch.randint(0, 151643, (batch, PROMPT), generator=gen)
             mask = torch.ones_like(ids)
-            results, readings = {}, []
+            results = {}
             for _ in range(args.repeats):  # alternate the libraries, keep each one's best
                 for name, fn, model in (("qwenkit", run_qwenkit, ours), ("transformers", run_hf, theirs)):
-                    readings.append(bandwidth_now())
                     r = measure(fn, model, ids, mask)
                     old = results.get(name)
                     results[name] = r if old is None else (min(old[0], r[0]), min(old[1], r[1]), r[2])
             same = torch.equal(results["qwenkit"][2], results["transformers"][2])
             match = (results["qwenkit"][2][:, PROMPT:] == results["transformers"][2][:, PROMPT:]).float().mean().item()
-            readings.append(bandwidth_now())
-            # The roofline of the moment: the highest bandwidth read beside this row's runs.
             row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "same": same, "match": match,
-                   "roofline": max(readings) / read, "bandwidth": max(readings)}
+                   "read": read}
+            if batch == 1:  # the share of the roofline: per run, against that run's own readings
+                libraries = (("qwenkit", run_qwenkit, ours), ("transformers", run_hf, theirs))
+                row["runs"] = {name: bracketed_runs(fn, model, ids, mask, args.share_runs)
+                               for name, fn, model in libraries}
             for name, (pre, dec, _) in results.items():
                 row[name] = (batch * PROMPT / pre, batch * (NEW - 1) / dec, peak_memory(name, folder, dtype, batch))
             rows.append(row)
@@ -219,7 +242,7 @@ def int8_report(folder: Path, repeats: int) -> str:
     with torch.inference_mode():
         ref_logits = reference(ids).logits
     ref_out = None
-    lines = ["| model | weight MiB | decode tok/s (batch 1) | share of roofline (tok/s, bandwidth) | "
+    lines = ["| model | weight MiB | decode tok/s (batch 1, best) | share of roofline (median, range; bandwidths) | "
              "greedy tokens equal to fp32 | "
              "logit error vs fp32 (max / mean) |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     native_int8 = kernels.gemv_int8
@@ -232,18 +255,15 @@ def int8_report(folder: Path, repeats: int) -> str:
         kernels.gemv_int8 = (lambda *a: None) if name == "int8, PyTorch's kernel" else native_int8
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         read = decode_bytes(model)
-        readings, decode = [bandwidth_now()], float("inf")
-        for _ in range(repeats):
-            decode = min(decode, measure(run_qwenkit, model, ids, mask)[1])
-            readings.append(bandwidth_now())
-        bandwidth = max(readings)
+        runs = bracketed_runs(run_qwenkit, model, ids, mask, max(repeats, 3))
+        shares = [tok / (bandwidth / read) for tok, bandwidth in runs]
         out = run_qwenkit(model, ids, mask, NEW)
         ref_out = out if ref_out is None else ref_out
         with torch.inference_mode():
             err = (model(ids).logits.float() - ref_logits).abs()
-        tok_s = (NEW - 1) / decode
-        lines.append(f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {tok_s / (bandwidth / read):.0%} of "
-                     f"{bandwidth / read:.1f} ({bandwidth / 1e9:.0f} GB/s) | "
+        tok_s, rates = max(tok for tok, _ in runs), [bandwidth / 1e9 for _, bandwidth in runs]
+        lines.append(f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {median(shares):.0%} ({min(shares):.0%}-"
+                     f"{max(shares):.0%}) at {min(rates):.0f}-{max(rates):.0f} GB/s | "
                      f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
                      f"{err.max():.3f} / {err.mean():.4f} |")
     kernels.gemv_int8 = native_int8
@@ -299,8 +319,15 @@ def table(rows) -> str:
              "| --- | ---: | --- | --- | --- | --- | --- |"]
     for r in rows:
         q, t = r["qwenkit"], r["transformers"]
-        share = (f"{q[1] / r['roofline']:.0%} / {t[1] / r['roofline']:.0%} of {r['roofline']:.1f} tok/s "
-                 f"({r['bandwidth'] / 1e9:.0f} GB/s)" if r["batch"] == 1 else "")
+        share = ""
+        if "runs" in r:
+            parts = []
+            for name in ("qwenkit", "transformers"):
+                shares = [tok / (bandwidth / r["read"]) for tok, bandwidth in r["runs"][name]]
+                parts.append(f"{median(shares):.0%} ({min(shares):.0%}-{max(shares):.0%})")
+            rates = [bandwidth for runs in r["runs"].values() for _, bandwidth in runs]
+            share = (f"{parts[0]} / {parts[1]}, median (range) of {len(r['runs']['qwenkit'])} runs each, "
+                     f"at {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GB/s")
         lines.append(f"| {r['dtype']} | {r['batch']} | {q[0]:.0f} / {t[0]:.0f} ({q[0] / t[0]:.2f}x) | "
                      f"{q[1]:.1f} / {t[1]:.1f} ({q[1] / t[1]:.2f}x) | {share} | {q[2] / 2**20:.0f} / "
                      f"{t[2] / 2**20:.0f} | {'yes' if r['same'] else format(r['match'], '.0%')} |")
