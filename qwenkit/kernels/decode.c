@@ -79,7 +79,7 @@ int NAME(void *const *p, long L, const T *final_norm, T *x, const T *cos, const 
     _Pragma("omp parallel num_threads(threads) reduction(|:failed)") \
     { \
         int t = omp_get_thread_num(), nt = omp_get_num_threads(); \
-        T *xs = own + 2 * t * B * C, *hs = xs + B * C, *h = hs; \
+        T *xs = own + 2 * t * B * C, *hs = xs + B * C; \
         memcpy(xs, x, sizeof(T) * B * C); \
         for (long l = 0; l < L; l++) { \
             void *const *w = p + l * PER_LAYER; \
@@ -97,8 +97,8 @@ int NAME(void *const *p, long L, const T *final_norm, T *x, const T *cos, const 
             NORM(xs, w[LN2], hs, B, C, eps); \
             while (claim(c + 4, I, least_rows(2 * C * (long)sizeof(T)), nt, &n0, &n1)) { /* gate and up rows, \
                                                                                    then their SwiGLU */ \
-                ROWS(h, w[WG], NULL, NULL, g, B, I, C, n0, n1); \
-                ROWS(h, w[WU], NULL, NULL, u, B, I, C, n0, n1); \
+                ROWS(hs, w[WG], NULL, NULL, g, B, I, C, n0, n1); \
+                ROWS(hs, w[WU], NULL, NULL, u, B, I, C, n0, n1); \
                 SWIGLU(LOAD, STORE, VLOAD, VSTORE, VROUND) \
             } \
             _Pragma("omp barrier") \
