@@ -23,21 +23,6 @@
 #include <omp.h>
 #include "common.h"
 
-/* dot(x, y[0:D]) in fp32, sixteen lanes at a time where D allows */
-#define DOT(NAME, T, LOAD, TO_F32) \
-static inline float NAME(const float *x, const T *y, long D) { \
-    float s = 0; \
-    if (D % 16 == 0) { \
-        vf a = {0}; \
-        for (long d = 0; d < D; d += 16) a += load_f32(x + d) * LOAD(y + d); \
-        return hsum(a); \
-    } \
-    for (long d = 0; d < D; d++) s += x[d] * TO_F32(y[d]); \
-    return s; \
-}
-DOT(dot_f32, float, load_f32, SAME)
-DOT(dot_bf16, uint16_t, load_bf16, bf16_to_f32)
-
 static inline float f32_load(const float *p, long i) { return p[i]; }
 static inline float f32_round(float f) { return f; }
 static inline void f32_store(float *p, long i, float f) { p[i] = f; }
@@ -72,7 +57,7 @@ INTERNAL int attention_sizes_ok(const int64_t *slot, long B, long H, long K, lon
  * slots holding real tokens; out (B, H, D). NAME##_part does thread t's share of the (row, kv
  * head) pairs, for callers inside a parallel region (decode.c), and returns nonzero if it ran out
  * of memory; NAME checks the sizes (-1 if bad) and runs every share (-2 if out of memory). */
-#define ATTEND(NAME, T, LOAD, VLOAD, ROUND, VROUND, STORE, VSTORE, DOT) \
+#define ATTEND(NAME, T, LOAD, VLOAD, ROUND, VROUND, STORE, VSTORE) \
 INTERNAL int NAME##_part(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, T *vc, \
                 const int64_t *slot, const uint8_t *valid, T *out, long B, long H, long K, long S, long D, \
                 int t, int nt) { \
@@ -114,8 +99,9 @@ INTERNAL int NAME##_part(const T *q, const T *k, const T *v, const T *cos, const
                     xg[d] = ROUND(ROUND(LOAD(qh, d) * LOAD(cs, d)) + ROUND(r * LOAD(sn, d))); \
                 } \
         } \
-        /* Scores: each cached key is read once for all G heads, 8 heads at a time in registers; \
-         * each (head, slot) is summed as DOT sums it. */ \
+        /* Scores: each cached key is read once for all G heads, 8 heads at a time in registers, \
+         * sixteen lanes at a time and the lanes as a tree (hsum); one lane at a time where D is \
+         * not a multiple of 16. */ \
         for (long s = 0; s < n; s++) { \
             const T *ks = kr + s * D; \
             if (s != s_new && !valid[b * S + s]) { \
@@ -123,7 +109,11 @@ INTERNAL int NAME##_part(const T *q, const T *k, const T *v, const T *cos, const
                 continue; \
             } \
             if (D % 16) { \
-                for (long g = 0; g < G; g++) scores[g * n + s] = DOT(x + g * D, ks, D) * scale; \
+                for (long g = 0; g < G; g++) { \
+                    float dot = 0; \
+                    for (long d = 0; d < D; d++) dot += x[g * D + d] * LOAD(ks, d); \
+                    scores[g * n + s] = dot * scale; \
+                } \
                 continue; \
             } \
             for (long g0 = 0; g0 < G; g0 += 8) { \
@@ -174,5 +164,5 @@ int NAME(const T *q, const T *k, const T *v, const T *cos, const T *sin, T *kc, 
     return failed ? -2 : 0; \
 }
 
-ATTEND(qwenkit_decode_attention_f32, float, f32_load, load_f32, f32_round, round_f32, f32_store, store_f32, dot_f32)
-ATTEND(qwenkit_decode_attention_bf16, uint16_t, bf16_load, load_bf16, bf16_round, round_bf16, bf16_store, store_bf16, dot_bf16)
+ATTEND(qwenkit_decode_attention_f32, float, f32_load, load_f32, f32_round, round_f32, f32_store, store_f32)
+ATTEND(qwenkit_decode_attention_bf16, uint16_t, bf16_load, load_bf16, bf16_round, round_bf16, bf16_store, store_bf16)
