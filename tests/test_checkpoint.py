@@ -210,7 +210,8 @@ def test_loading_05b_peaks_near_weight_size(half_b_checkpoint, dtype):
           f"ratio {peak / weights:.2f}, kept after the load {kept / weights:.2f}")
     assert weights > 0.9e9
     assert peak <= 1.15 * weights
-    # The checkpoint is bf16: the fp32 load converts through a buffer, which must not leave the
-    # process holding more than the weights and its fixed costs (about 80 MiB: code pages of torch
-    # touched for the first time, the modules); a buffer per tensor once left up to 400 MiB of holes.
-    assert kept - weights <= 128 * 2**20
+    # A load must not leave the process holding more than the weights and its fixed costs (under
+    # 10 MiB: code pages of torch touched for the first time). The checkpoint is bf16, so the fp32
+    # load converts through a buffer: one per tensor once left up to 400 MiB of holes. And the
+    # embedding's init on the meta device once kept 73 MiB of imported modules, in either dtype.
+    assert kept - weights <= 64 * 2**20
