@@ -84,8 +84,22 @@ def decode_bytes(model) -> int:
 
 def ensure_checkpoint(path: Path) -> Path:
     if not (path / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "qwenkit", "new", "--preset", "qwen2.5-0.5b", "--seed", "0",
-                        "--out", str(path), "--no-tokenizer"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qwenkit",
+                "new",
+                "--preset",
+                "qwen2.5-0.5b",
+                "--seed",
+                "0",
+                "--out",
+                str(path),
+                "--no-tokenizer",
+            ],
+            check=True,
+        )
     return path
 
 
@@ -113,8 +127,9 @@ def run_qwenkit(model, ids, mask, n):
 
 
 def run_hf(model, ids, mask, n):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
 
 
 def measure(fn, model, ids, mask):
@@ -157,9 +172,12 @@ def peak_memory(library: str, folder: Path, dtype: torch.dtype, batch: int) -> i
 
 
 def _peak_memory(library: str, folder: Path, dtype: torch.dtype, batch: int) -> int:
-    result = subprocess.run([sys.executable, __file__, "--probe", library, str(folder),
-                             str(dtype).removeprefix("torch."), str(batch)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--probe", library, str(folder), str(dtype).removeprefix("torch."), str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(result.stdout.split()[-1])
 
 
@@ -168,8 +186,9 @@ def main() -> None:
         return probe_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--share-runs", type=int, default=5,
-                        help="bracketed runs per library at batch 1 for the roofline share")
+    parser.add_argument(
+        "--share-runs", type=int, default=5, help="bracketed runs per library at batch 1 for the roofline share"
+    )
     parser.add_argument("--int8", action="store_true", help="also compare int8 weight-only quantization")
     parser.add_argument("--quick", action="store_true", help="batch 1, fp32 only (a smoke run)")
     parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "bench-qwen2.5-0.5b"))
@@ -181,9 +200,11 @@ def main() -> None:
 
     folder = ensure_checkpoint(Path(args.checkpoint))
     burst, bandwidth = read_bandwidth()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s sustained "
-          f"({burst / 1e9:.1f} GB/s burst)")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s sustained "
+        f"({burst / 1e9:.1f} GB/s burst)"
+    )
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     batches = [1] if args.quick else [1, 8]
     rows = []
@@ -207,12 +228,18 @@ def main() -> None:
                     results[name] = r if old is None else (min(old[0], r[0]), min(old[1], r[1]), r[2])
             same = torch.equal(results["qwenkit"][2], results["transformers"][2])
             match = (results["qwenkit"][2][:, PROMPT:] == results["transformers"][2][:, PROMPT:]).float().mean().item()
-            row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "same": same, "match": match,
-                   "read": read}
+            row = {
+                "dtype": str(dtype).removeprefix("torch."),
+                "batch": batch,
+                "same": same,
+                "match": match,
+                "read": read,
+            }
             if batch == 1:  # the share of the roofline: per run, against that run's own readings
                 libraries = (("qwenkit", run_qwenkit, ours), ("transformers", run_hf, theirs))
-                row["runs"] = {name: bracketed_runs(fn, model, ids, mask, args.share_runs)
-                               for name, fn, model in libraries}
+                row["runs"] = {
+                    name: bracketed_runs(fn, model, ids, mask, args.share_runs) for name, fn, model in libraries
+                }
             for name, (pre, dec, _) in results.items():
                 row[name] = (batch * PROMPT / pre, batch * (NEW - 1) / dec, peak_memory(name, folder, dtype, batch))
             rows.append(row)
@@ -242,13 +269,19 @@ def int8_report(folder: Path, repeats: int) -> str:
     with torch.inference_mode():
         ref_logits = reference(ids).logits
     ref_out = None
-    lines = ["| model | weight MiB | decode tok/s (batch 1, best) | share of roofline (median, range; bandwidths) | "
-             "greedy tokens equal to fp32 | "
-             "logit error vs fp32 (max / mean) |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| model | weight MiB | decode tok/s (batch 1, best) | share of roofline (median, range; bandwidths) | "
+        "greedy tokens equal to fp32 | "
+        "logit error vs fp32 (max / mean) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     native_int8 = kernels.gemv_int8
     for name in ("float32", "bfloat16", "int8", "int8, PyTorch's kernel"):
-        model = reference if name == "float32" else qwenkit.load_model(
-            folder, dtype=torch.bfloat16 if name == "bfloat16" else torch.float32)
+        model = (
+            reference
+            if name == "float32"
+            else qwenkit.load_model(folder, dtype=torch.bfloat16 if name == "bfloat16" else torch.float32)
+        )
         if name.startswith("int8"):
             qwenkit.quantize(model)
         # The last row decodes through torch's _weight_int8pack_mm instead of qwenkit's int8 kernel.
@@ -262,16 +295,22 @@ def int8_report(folder: Path, repeats: int) -> str:
         with torch.inference_mode():
             err = (model(ids).logits.float() - ref_logits).abs()
         tok_s, rates = max(tok for tok, _ in runs), [bandwidth / 1e9 for _, bandwidth in runs]
-        lines.append(f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {median(shares):.0%} ({min(shares):.0%}-"
-                     f"{max(shares):.0%}) at {min(rates):.0f}-{max(rates):.0f} GB/s | "
-                     f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
-                     f"{err.max():.3f} / {err.mean():.4f} |")
+        lines.append(
+            f"| {name} | {nbytes / 2**20:.0f} | {tok_s:.1f} | {median(shares):.0%} ({min(shares):.0%}-"
+            f"{max(shares):.0%}) at {min(rates):.0f}-{max(rates):.0f} GB/s | "
+            f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
+            f"{err.max():.3f} / {err.mean():.4f} |"
+        )
     kernels.gemv_int8 = native_int8
     return "\n".join(lines)
 
 
-PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
-           "Explain what a neural network is in two sentences.", "Give me three tips for learning French."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a neural network is in two sentences.",
+    "Give me three tips for learning French.",
+]
 
 
 def agreement_report() -> str:
@@ -286,8 +325,10 @@ def agreement_report() -> str:
     tok = qwenkit.load_tokenizer(folder)
     prompts = [torch.tensor([encode_prompt(tok, p)]) for p in PROMPTS]
     reference = qwenkit.load_model(folder, dtype=torch.float32)
-    lines = ["| SmolLM2-135M-Instruct (real weights) | greedy tokens equal to fp32 | logit error vs fp32 (max / mean) |",
-             "| --- | ---: | --- |"]
+    lines = [
+        "| SmolLM2-135M-Instruct (real weights) | greedy tokens equal to fp32 | logit error vs fp32 (max / mean) |",
+        "| --- | ---: | --- |",
+    ]
     with torch.inference_mode():
         ref = [(reference(ids).logits, run_qwenkit(reference, ids, torch.ones_like(ids), NEW)) for ids in prompts]
         for name in ("bfloat16", "int8"):
@@ -297,7 +338,7 @@ def agreement_report() -> str:
             same, total, errs = 0, 0, []
             for ids, (logits, out) in zip(prompts, ref):
                 mine = run_qwenkit(model, ids, torch.ones_like(ids), NEW)
-                same += int((mine[:, ids.shape[1]:] == out[:, ids.shape[1]:]).sum())
+                same += int((mine[:, ids.shape[1] :] == out[:, ids.shape[1] :]).sum())
                 total += out.shape[1] - ids.shape[1]
                 errs.append((model(ids).logits.float() - logits).abs())
             err = torch.cat([e.flatten() for e in errs])
@@ -307,16 +348,20 @@ def agreement_report() -> str:
 
 def format_row(r) -> str:
     q, t = r["qwenkit"], r["transformers"]
-    return (f"{r['dtype']} batch {r['batch']}: prefill {q[0]:.0f} vs {t[0]:.0f} tok/s ({q[0] / t[0]:.2f}x), "
-            f"decode {q[1]:.1f} vs {t[1]:.1f} tok/s ({q[1] / t[1]:.2f}x), peak {q[2] / 2**20:.0f} vs "
-            f"{t[2] / 2**20:.0f} MiB, same tokens: {r['same']} ({r['match']:.0%})")
+    return (
+        f"{r['dtype']} batch {r['batch']}: prefill {q[0]:.0f} vs {t[0]:.0f} tok/s ({q[0] / t[0]:.2f}x), "
+        f"decode {q[1]:.1f} vs {t[1]:.1f} tok/s ({q[1] / t[1]:.2f}x), peak {q[2] / 2**20:.0f} vs "
+        f"{t[2] / 2**20:.0f} MiB, same tokens: {r['same']} ({r['match']:.0%})"
+    )
 
 
 def table(rows) -> str:
-    lines = ["| dtype | batch | prefill tok/s qwenkit / transformers (ratio) | decode tok/s qwenkit / transformers "
-             "(ratio) | decode share of roofline (qwenkit / transformers) | peak MiB (load + generate) qwenkit / "
-             "transformers | same tokens |",
-             "| --- | ---: | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| dtype | batch | prefill tok/s qwenkit / transformers (ratio) | decode tok/s qwenkit / transformers "
+        "(ratio) | decode share of roofline (qwenkit / transformers) | peak MiB (load + generate) qwenkit / "
+        "transformers | same tokens |",
+        "| --- | ---: | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         q, t = r["qwenkit"], r["transformers"]
         share = ""
@@ -326,11 +371,15 @@ def table(rows) -> str:
                 shares = [tok / (bandwidth / r["read"]) for tok, bandwidth in r["runs"][name]]
                 parts.append(f"{median(shares):.0%} ({min(shares):.0%}-{max(shares):.0%})")
             rates = [bandwidth for runs in r["runs"].values() for _, bandwidth in runs]
-            share = (f"{parts[0]} / {parts[1]}, median (range) of {len(r['runs']['qwenkit'])} runs each, "
-                     f"at {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GB/s")
-        lines.append(f"| {r['dtype']} | {r['batch']} | {q[0]:.0f} / {t[0]:.0f} ({q[0] / t[0]:.2f}x) | "
-                     f"{q[1]:.1f} / {t[1]:.1f} ({q[1] / t[1]:.2f}x) | {share} | {q[2] / 2**20:.0f} / "
-                     f"{t[2] / 2**20:.0f} | {'yes' if r['same'] else format(r['match'], '.0%')} |")
+            share = (
+                f"{parts[0]} / {parts[1]}, median (range) of {len(r['runs']['qwenkit'])} runs each, "
+                f"at {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GB/s"
+            )
+        lines.append(
+            f"| {r['dtype']} | {r['batch']} | {q[0]:.0f} / {t[0]:.0f} ({q[0] / t[0]:.2f}x) | "
+            f"{q[1]:.1f} / {t[1]:.1f} ({q[1] / t[1]:.2f}x) | {share} | {q[2] / 2**20:.0f} / "
+            f"{t[2] / 2**20:.0f} | {'yes' if r['same'] else format(r['match'], '.0%')} |"
+        )
     return "\n".join(lines)
 
 

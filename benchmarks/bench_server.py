@@ -31,8 +31,20 @@ KEY = "bench"
 
 def make_checkpoint(path: Path, preset: str, layers: int | None) -> Path:
     if not (path / "config.json").exists():
-        cmd = [sys.executable, "-m", "qwenkit", "new", "--preset", preset, "--seed", "0", "--dtype", "float32",
-               "--out", str(path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "qwenkit",
+            "new",
+            "--preset",
+            preset,
+            "--seed",
+            "0",
+            "--dtype",
+            "float32",
+            "--out",
+            str(path),
+        ]
         subprocess.run(cmd + (["--layers", str(layers)] if layers else []), check=True, stdout=subprocess.DEVNULL)
     return path
 
@@ -44,9 +56,11 @@ def free_port() -> int:
 
 
 def start_server(model: Path, port: int, max_batch: int, max_queue: int, max_model_len: int) -> subprocess.Popen:
-    code = ("from qwenkit.server.commands import serve; "
-            f"serve(model={str(model)!r}, port={port}, api_key={KEY!r}, max_batch={max_batch}, "
-            f"max_queue={max_queue}, max_model_len={max_model_len})")
+    code = (
+        "from qwenkit.server.commands import serve; "
+        f"serve(model={str(model)!r}, port={port}, api_key={KEY!r}, max_batch={max_batch}, "
+        f"max_queue={max_queue}, max_model_len={max_model_len})"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while True:
@@ -68,8 +82,13 @@ async def stream_one(client: openai.AsyncOpenAI, model: str, i: int, max_tokens:
     start = time.perf_counter()
     first = None
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"Request {i}: tell me about the number {i * 7}."}],
-        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+        model=model,
+        messages=[{"role": "user", "content": f"Request {i}: tell me about the number {i * 7}."}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     usage = finish = None
     async for chunk in stream:
         if chunk.choices:
@@ -125,19 +144,25 @@ def main() -> None:
         ttft = sorted(r[1] for r in results)
         latency = sorted(r[2] for r in results)
         tokens = sum(r[0] for r in results)
-        return (f"| {mode} | {len(results)} | {tokens} | {seconds:.2f} | {tokens / seconds:,.0f} | "
-                f"{ttft[len(ttft) // 2] * 1000:.0f} | {latency[len(latency) // 2]:.2f} |")
+        return (
+            f"| {mode} | {len(results)} | {tokens} | {seconds:.2f} | {tokens / seconds:,.0f} | "
+            f"{ttft[len(ttft) // 2] * 1000:.0f} | {latency[len(latency) // 2]:.2f} |"
+        )
 
-    print(f"\nqwenkit serve, preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, fp32, "
-          f"--max-batch {args.max_batch}; {args.clients} streamed chat requests of {args.max_tokens} tokens, greedy")
+    print(
+        f"\nqwenkit serve, preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, fp32, "
+        f"--max-batch {args.max_batch}; {args.clients} streamed chat requests of {args.max_tokens} tokens, greedy"
+    )
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
     print("| mode | requests | tokens | wall s | tokens/s | median first token ms | median request s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(row("sequential", seq_s, seq))
     print(row("concurrent", con_s, con))
     ratio = (con_tokens / con_s) / (seq_tokens / seq_s)
-    print(f"\nconcurrent / sequential throughput: {ratio:.1f}x (target: at least 3x); server idle after: "
-          f"{health['active']} active, {health['waiting']} waiting")
+    print(
+        f"\nconcurrent / sequential throughput: {ratio:.1f}x (target: at least 3x); server idle after: "
+        f"{health['active']} active, {health['waiting']} waiting"
+    )
 
 
 if __name__ == "__main__":

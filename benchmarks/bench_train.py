@@ -46,9 +46,16 @@ def make_checkpoint(folder: str, layers: int) -> None:
     from qwenkit.config import PRESETS
     from qwenkit.model import QwenForCausalLM
 
-    config = replace(PRESETS["qwen2.5-0.5b"], hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                     num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                     vocab_size=VOCAB, tie_word_embeddings=True)
+    config = replace(
+        PRESETS["qwen2.5-0.5b"],
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     model.to_empty(device="cpu").init_weights(seed=0)
@@ -76,8 +83,10 @@ def worker(lib: str, mode: str, folder: str, args) -> dict:
         if mode == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
 
@@ -122,13 +131,20 @@ def worker(lib: str, mode: str, folder: str, args) -> dict:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    timed, timed_cpu = times[args.warmup:], cpu[args.warmup:]
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - base_rss)
-    return {"lib": lib, "mode": mode, "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
-            "tokens_per_cpu_s": args.batch * args.seq * len(timed) / sum(timed_cpu),
-            "step_s": sum(timed) / len(timed), "peak_mb": peak, "baseline_mb": base_rss, "first_loss": losses[0],
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    timed, timed_cpu = times[args.warmup :], cpu[args.warmup :]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - base_rss
+    return {
+        "lib": lib,
+        "mode": mode,
+        "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
+        "tokens_per_cpu_s": args.batch * args.seq * len(timed) / sum(timed_cpu),
+        "step_s": sum(timed) / len(timed),
+        "peak_mb": peak,
+        "baseline_mb": base_rss,
+        "first_loss": losses[0],
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def run_worker(lib: str, mode: str, folder: str, args) -> dict:
@@ -147,7 +163,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=2, help="runs per library and mode, in ABBA order; the best counts")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs per library and mode, in ABBA order; the best counts"
+    )
     parser.add_argument("--modes", default="full,lora")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -172,30 +190,47 @@ def main() -> None:
                 for lib in order:
                     runs.append(run_worker(lib, mode, folder, args))
                     r = runs[-1]
-                    print(f"  round {round_ + 1} {lib:12} {mode:4}  {r['tokens_per_s']:8.1f} tokens/s  "
-                          f"peak {r['peak_mb']:8.0f} MB  first loss {r['first_loss']:.5f}", file=sys.stderr, flush=True)
+                    print(
+                        f"  round {round_ + 1} {lib:12} {mode:4}  {r['tokens_per_s']:8.1f} tokens/s  "
+                        f"peak {r['peak_mb']:8.0f} MB  first loss {r['first_loss']:.5f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             for lib in ("transformers", "qwenkit"):  # each library's best round
                 mine = [r for r in runs if r["lib"] == lib]
                 best = max(mine, key=lambda r: r["tokens_per_s"])
-                rows.append({**best, "tokens_per_cpu_s": max(r["tokens_per_cpu_s"] for r in mine),
-                             "peak_mb": min(r["peak_mb"] for r in mine)})
+                rows.append(
+                    {
+                        **best,
+                        "tokens_per_cpu_s": max(r["tokens_per_cpu_s"] for r in mine),
+                        "peak_mb": min(r["peak_mb"] for r in mine),
+                    }
+                )
 
-    print(f"\nQwen2.5-shaped model: hidden {HIDDEN}, {args.layers} layers, vocab {VOCAB} (tied), "
-          f"{rows[0]['parameters'] / 1e6:.1f}M parameters; batch {args.batch} x seq {args.seq}; "
-          f"{args.dtype} on {args.device}; {args.steps} timed steps after {args.warmup}; best of {args.rounds} "
-          f"rounds in ABBA order")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\nQwen2.5-shaped model: hidden {HIDDEN}, {args.layers} layers, vocab {VOCAB} (tied), "
+        f"{rows[0]['parameters'] / 1e6:.1f}M parameters; batch {args.batch} x seq {args.seq}; "
+        f"{args.dtype} on {args.device}; {args.steps} timed steps after {args.warmup}; best of {args.rounds} "
+        f"rounds in ABBA order"
+    )
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     what = "peak RSS over baseline" if args.device == "cpu" else "peak allocated"
-    print(f"\n| mode | library | tokens/s | step s | tokens per CPU-s | {what} MB | speed vs transformers "
-          f"(wall / CPU) | memory vs transformers |")
+    print(
+        f"\n| mode | library | tokens/s | step s | tokens per CPU-s | {what} MB | speed vs transformers "
+        f"(wall / CPU) | memory vs transformers |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode in args.modes.split(","):
         ref = next(r for r in rows if r["mode"] == mode and r["lib"] == "transformers")
         for r in (x for x in rows if x["mode"] == mode):
-            print(f"| {mode} | {r['lib']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | "
-                  f"{r['tokens_per_cpu_s']:.1f} | {r['peak_mb']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f} / "
-                  f"{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f} | {r['peak_mb'] / ref['peak_mb']:.2f} |")
+            print(
+                f"| {mode} | {r['lib']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | "
+                f"{r['tokens_per_cpu_s']:.1f} | {r['peak_mb']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f} / "
+                f"{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f} | {r['peak_mb'] / ref['peak_mb']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

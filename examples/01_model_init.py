@@ -20,8 +20,10 @@ folder = resolve_model(parser.parse_args().model)
 model = qwenkit.load_model(folder, dtype=torch.float32)
 tok = qwenkit.load_tokenizer(folder)
 c = model.config
-print(f"loaded {folder.name}: {model.num_parameters() / 1e6:.0f}M parameters, {c.num_hidden_layers} layers, "
-      f"{c.num_attention_heads} query / {c.num_key_value_heads} key-value heads, vocabulary {len(tok)}")
+print(
+    f"loaded {folder.name}: {model.num_parameters() / 1e6:.0f}M parameters, {c.num_hidden_layers} layers, "
+    f"{c.num_attention_heads} query / {c.num_key_value_heads} key-value heads, vocabulary {len(tok)}"
+)
 
 # Qwen2.5-7B-Instruct's architecture, built on the meta device: shapes without memory.
 with torch.device("meta"):

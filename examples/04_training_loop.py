@@ -18,8 +18,10 @@ args = parser.parse_args()
 folder = resolve_model(args.model)
 model, tok = qwenkit.load_model(folder), qwenkit.load_tokenizer(folder)
 
-conversation = [{"role": "user", "content": "What is the capital of France?"},
-                {"role": "assistant", "content": "Paris is the capital of France."}]
+conversation = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris is the capital of France."},
+]
 ids, mask = tok.encode_chat(conversation)  # the mask is 1 on the answer and its closing <|im_end|>
 input_ids = torch.tensor([ids])
 labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])  # learn the answer only

@@ -18,7 +18,7 @@ model, tok = qwenkit.load_model(folder), qwenkit.load_tokenizer(folder)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
 out = model.generate(ids, max_new_tokens=30, do_sample=False)  # stops at the model's eos ids
-print("answer:", tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+print("answer:", tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 params = SamplingParams.from_model(model, max_new_tokens=40, do_sample=True, temperature=0.7, seed=0)
 print("streamed: ", end="")

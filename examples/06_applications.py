@@ -23,6 +23,12 @@ print("qa:       ", qa.answer(model, tok, ["What is the capital of France?"], pa
 print("translate:", translate.translate(model, tok, ["The house is wonderful."], "French", params)[0])
 result = sentiment.classify(model, tok, ["I love this product!"], ["positive", "negative", "neutral"])[0]
 print("sentiment:", result.label, {k: round(v, 3) for k, v in result.probabilities.items()})
-solution = code.generate_code(model, tok, "Write a Python function add(a, b) that returns the sum of two numbers.",
-                              params, tests="assert add(2, 3) == 5", entry_point="add")
+solution = code.generate_code(
+    model,
+    tok,
+    "Write a Python function add(a, b) that returns the sum of two numbers.",
+    params,
+    tests="assert add(2, 3) == 5",
+    entry_point="add",
+)
 print("code:     ", "tests passed" if solution.passed else "tests failed", "\n" + solution.code)

@@ -27,8 +27,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # safetensors dtype names, as written in each file's header.
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -50,18 +57,21 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
         except ImportError:
             raise CheckpointError(
                 f"{name!r} is not a local folder, and huggingface_hub is not installed to fetch it from the hub. "
-                f"Point --model at a local checkpoint folder (e.g. one made by `qwenkit new`).") from None
+                f"Point --model at a local checkpoint folder (e.g. one made by `qwenkit new`)."
+            ) from None
         try:
             return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
         except Exception as e:
             raise CheckpointError(
                 f"could not fetch {name!r} from the hub ({type(e).__name__}: {e}). Without a reachable hub, "
-                f"point --model at a local checkpoint folder (e.g. one made by `qwenkit new`).") from None
+                f"point --model at a local checkpoint folder (e.g. one made by `qwenkit new`)."
+            ) from None
     raise CheckpointError(f"{path}: no such checkpoint folder")
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> QwenForCausalLM:
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> QwenForCausalLM:
     """Load a Hugging Face checkpoint folder into a QwenForCausalLM.
 
     Args:
@@ -156,13 +166,17 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: tor
                     raise CheckpointError(f"{file}: unexpected tensor '{name}' (not part of this model's config)")
                 entry, param = header[name], expected[name]
                 if list(entry["shape"]) != list(param.shape):
-                    raise CheckpointError(f"{file}: tensor '{name}' has shape {list(entry['shape'])}, "
-                                          f"the config asks for {list(param.shape)}")
+                    raise CheckpointError(
+                        f"{file}: tensor '{name}' has shape {list(entry['shape'])}, "
+                        f"the config asks for {list(param.shape)}"
+                    )
                 f.seek(entry["data_start"])
                 try:
                     tensor = _read_tensor(f, entry, dtype, buffers)
                 except EOFError:
-                    raise CheckpointError(f"{file}: tensor '{name}' could not be read in full (truncated shard?)") from None
+                    raise CheckpointError(
+                        f"{file}: tensor '{name}' could not be read in full (truncated shard?)"
+                    ) from None
                 _set_parameter(model, name, tensor.to(device))
                 seen.add(name)
     missing = sorted(set(expected) - seen)
@@ -193,7 +207,7 @@ def _read_tensor(f, entry: dict, dtype: torch.dtype, buffers: dict) -> torch.Ten
     for start in range(0, flat.numel(), step):
         part = buffer[: min(step, flat.numel() - start)]
         _read_into(f, part)
-        flat[start:start + part.numel()].copy_(part)
+        flat[start : start + part.numel()].copy_(part)
     return out
 
 
@@ -251,8 +265,12 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
-               dtype: torch.dtype | None = None) -> Path:
+def save_model(
+    model: QwenForCausalLM,
+    out_dir: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write config.json, generation_config.json and the weights (sharded past max_shard_size)."""
     from safetensors.torch import save_file
 
@@ -273,8 +291,11 @@ def save_model(model: QwenForCausalLM, out_dir: str | os.PathLike, max_shard_siz
         shards[-1][name] = t
         used += nbytes
 
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     tag = uuid.uuid4().hex[:8]
     temps = [out / f".{name}.{tag}.tmp" for name in names]
     try:

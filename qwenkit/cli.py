@@ -22,6 +22,7 @@ COMMANDS: dict[str, typing.Callable] = {}
 
 def command(fn=None, *, name: str | None = None):
     """Register a command; `name` may have two words ("convert gguf") for a command group."""
+
     def register(f):
         COMMANDS[name or f.__name__.rstrip("_").replace("_", "-")] = f
         return f
@@ -41,8 +42,16 @@ class UserError(Exception):
 
 
 @command
-def new(*, out: str, preset: str = "qwen2.5-0.5b", layers: int | None = None, vocab_size: int | None = None,
-        seed: int = 0, dtype: Literal["float32", "bfloat16"] = "bfloat16", tokenizer: bool = True) -> None:
+def new(
+    *,
+    out: str,
+    preset: str = "qwen2.5-0.5b",
+    layers: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: Literal["float32", "bfloat16"] = "bfloat16",
+    tokenizer: bool = True,
+) -> None:
     """Write a random-init checkpoint folder at any Qwen2.5 preset, for tests, demos and benchmarks.
 
     The folder is a standard Hugging Face checkpoint (config.json, safetensors, generation_config.json,
@@ -81,18 +90,35 @@ def new(*, out: str, preset: str = "qwen2.5-0.5b", layers: int | None = None, vo
         from qwenkit.tokenizer import load_tokenizer
 
         load_tokenizer().save_pretrained(out)
-    print(f"wrote {preset} ({model.num_parameters() / 1e6:.1f}M parameters, {config.num_hidden_layers} layers) "
-          f"to {out}")
+    print(
+        f"wrote {preset} ({model.num_parameters() / 1e6:.1f}M parameters, {config.num_hidden_layers} layers) to {out}"
+    )
 
 
 @command
-def generate(*, model: str | None = None, prompt: str | None = None, input: str | None = None, output: str | None = None,
-             max_new_tokens: int = 256, temperature: float | None = None, top_p: float | None = None,
-             top_k: int | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
-             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-             stop: list[str] | None = None, chat: Annotated[bool, Negation("--raw")] = True,
-             system: str | None = None, stream: bool = False, batch_size: int = 8,
-             dtype: Literal["float32", "bfloat16"] = "float32", quantize: bool = False) -> int:
+def generate(
+    *,
+    model: str | None = None,
+    prompt: str | None = None,
+    input: str | None = None,
+    output: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    chat: Annotated[bool, Negation("--raw")] = True,
+    system: str | None = None,
+    stream: bool = False,
+    batch_size: int = 8,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    quantize: bool = False,
+) -> int:
     """Generate completions: for one --prompt (printed, or streamed with --stream), or for every line
     of an --input JSONL file, in batches, into an --output JSONL file.
 
@@ -128,9 +154,18 @@ def generate(*, model: str | None = None, prompt: str | None = None, input: str 
     if input is not None and output is None:
         raise UserError("--input needs --output FILE.jsonl")
     m, tok = _load(model, dtype, quantize)
-    params = _sampling(m, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                       frequency_penalty=frequency_penalty, seed=seed)
+    params = _sampling(
+        m,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+    )
     if input is not None:
         return _generate_file(m, tok, params, Path(input), Path(output), stop or [], chat, system, batch_size)
     from qwenkit.textgen import TextStream, encode_prompt
@@ -146,9 +181,19 @@ def generate(*, model: str | None = None, prompt: str | None = None, input: str 
 
 
 @command
-def chat(*, model: str | None = None, system: str | None = None, message: str | None = None, max_new_tokens: int = 512,
-         temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-         seed: int | None = None, dtype: Literal["float32", "bfloat16"] = "float32", quantize: bool = False) -> int:
+def chat(
+    *,
+    model: str | None = None,
+    system: str | None = None,
+    message: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    quantize: bool = False,
+) -> int:
     """Chat with a model in the terminal: replies stream as they are written, and the conversation
     is kept within the model's context (the oldest turns are dropped, with a notice).
 
@@ -172,8 +217,7 @@ def chat(*, model: str | None = None, system: str | None = None, message: str | 
     from qwenkit import repl
 
     m, tok = _load(model, dtype, quantize)
-    params = _sampling(m, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       seed=seed)
+    params = _sampling(m, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     session = repl.ChatSession(m, tok, params, system=system)
     if message is None:
         repl.run(session)
@@ -200,8 +244,9 @@ def models() -> None:
 
 
 @command(name="convert gguf")
-def convert_gguf(file: str, *, out: str, dtype: Literal["float32", "bfloat16"] = "float32",
-                 overwrite: bool = False) -> None:
+def convert_gguf(
+    file: str, *, out: str, dtype: Literal["float32", "bfloat16"] = "float32", overwrite: bool = False
+) -> None:
     """Convert a GGUF file (llama.cpp's format; Qwen publishes official ones) into a Hugging Face
     checkpoint folder: config, weights dequantized to --dtype, generation config and tokenizer.
 
@@ -333,11 +378,16 @@ def _generate_file(m, tok, params, source: Path, dest: Path, stop, chat: bool, s
         todo.append((n, row, prompt))
     with tqdm(total=len(todo), desc="generating", unit="prompt", disable=not todo) as bar:
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+            batch = todo[start : start + batch_size]
             done = complete(m, tok, [p for _, _, p in batch], params, stop, chat, system)
             for (n, row, _), c in zip(batch, done):
-                results[n] = {**row, "completion": c.text, "finish_reason": c.finish_reason,
-                              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+                results[n] = {
+                    **row,
+                    "completion": c.text,
+                    "finish_reason": c.finish_reason,
+                    "prompt_tokens": c.prompt_tokens,
+                    "completion_tokens": c.completion_tokens,
+                }
             bar.update(len(batch))
     tmp = dest.with_name(f".{dest.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -345,8 +395,9 @@ def _generate_file(m, tok, params, source: Path, dest: Path, stop, chat: bool, s
             f.write(json.dumps(results[n], ensure_ascii=False) + "\n")
     tmp.replace(dest)
     failed = sum("error" in r for r in results.values())
-    print(f"wrote {len(results)} lines to {dest}" + (f" ({failed} failed, see above)" if failed else ""),
-          file=sys.stderr)
+    print(
+        f"wrote {len(results)} lines to {dest}" + (f" ({failed} failed, see above)" if failed else ""), file=sys.stderr
+    )
     return 1 if failed else 0
 
 
@@ -369,6 +420,7 @@ def _dtype(name: str):
 
 
 # ---- argparse from signatures ----------------------------------------------------------------------
+
 
 def _arg_help(doc: str) -> dict[str, str]:
     """The `Args:` section of a docstring: {name: help}, continuation lines joined."""
@@ -409,8 +461,11 @@ def _flag_options(annotation, default, text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwenkit", description="A toolkit for Qwen2.5: run, fine-tune, "
-                                     "evaluate and serve the model. `qwenkit COMMAND --help` explains each command.")
+    parser = argparse.ArgumentParser(
+        prog="qwenkit",
+        description="A toolkit for Qwen2.5: run, fine-tune, "
+        "evaluate and serve the model. `qwenkit COMMAND --help` explains each command.",
+    )
     parser.add_argument("--version", action="version", version=f"qwenkit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # finetune builds its own flags from the recipe's keys (qwenkit/finetune/cli.py); `main` hands
@@ -426,15 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
             group, _, leaf = name.partition(" ")
             if group not in groups:
                 groups[group] = sub.add_parser(group, help=f"{group} subcommands").add_subparsers(
-                    dest="subcommand", metavar="SUBCOMMAND", required=True)
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
             where, name = groups[group], leaf
-        p = where.add_parser(name, help=summary, description=description,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = where.add_parser(
+            name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         helps = _arg_help(doc)
         hints = typing.get_type_hints(fn, include_extras=True)
         for param in inspect.signature(fn).parameters.values():
             options = _flag_options(hints[param.name], param.default, helps.get(param.name, ""))
-            negation = next((m for m in getattr(hints[param.name], "__metadata__", ()) if isinstance(m, Negation)), None)
+            negation = next(
+                (m for m in getattr(hints[param.name], "__metadata__", ()) if isinstance(m, Negation)), None
+            )
             if negation is not None:  # --chat / --raw: two named switches for one boolean
                 flag = "--" + param.name.replace("_", "-")
                 p.add_argument(flag, dest=param.name, action="store_true", default=param.default, help=options["help"])
@@ -479,8 +538,16 @@ def main(argv: list[str] | None = None) -> int:
     from qwenkit.lora import AdapterError
     from qwenkit.models import ModelError
 
-    user_errors = (UserError, ConfigError, CheckpointError, ContextLengthError, GGUFError, ModelError,
-                   AdapterError, FileNotFoundError)
+    user_errors = (
+        UserError,
+        ConfigError,
+        CheckpointError,
+        ContextLengthError,
+        GGUFError,
+        ModelError,
+        AdapterError,
+        FileNotFoundError,
+    )
     try:
         status = COMMANDS[name](**args)
     except user_errors as e:

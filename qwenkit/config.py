@@ -102,16 +102,25 @@ def _validate(c: QwenConfig) -> None:
     def bad(field_name: str, why: str):
         raise ConfigError(f"field '{field_name}' {why}")
 
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+    ):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             bad(name, f"must be a positive integer, got {value!r}")
     if c.head_dim is None and c.hidden_size % c.num_attention_heads:
         bad("num_attention_heads", f"({c.num_attention_heads}) must divide hidden_size ({c.hidden_size})")
     if c.num_attention_heads % c.num_key_value_heads:
-        bad("num_key_value_heads", f"({c.num_key_value_heads}) must divide num_attention_heads "
-                                   f"({c.num_attention_heads})")
+        bad(
+            "num_key_value_heads",
+            f"({c.num_key_value_heads}) must divide num_attention_heads ({c.num_attention_heads})",
+        )
     if c.dim_per_head % 2:
         bad("head_dim", f"must be even for rotary embeddings, got {c.dim_per_head}")
     if c.model_type not in ("qwen2", "llama"):
@@ -126,30 +135,87 @@ def _validate(c: QwenConfig) -> None:
 # network. Each preset's parameter count matches its model card (tests/test_config.py).
 _QWEN25 = dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
 PRESETS: dict[str, QwenConfig] = {
-    "qwen2.5-0.5b": QwenConfig(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                               num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                               tie_word_embeddings=True, **_QWEN25),
-    "qwen2.5-1.5b": QwenConfig(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                               num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                               tie_word_embeddings=True, **_QWEN25),
-    "qwen2.5-3b": QwenConfig(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                             num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-                             tie_word_embeddings=True, **_QWEN25),
-    "qwen2.5-7b": QwenConfig(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                             num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                             tie_word_embeddings=False, **_QWEN25),
-    "qwen2.5-14b": QwenConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                              num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                              tie_word_embeddings=False, **_QWEN25),
-    "qwen2.5-32b": QwenConfig(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                              num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-                              tie_word_embeddings=False, **_QWEN25),
-    "qwen2.5-72b": QwenConfig(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                              num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
-                              tie_word_embeddings=False, **_QWEN25),
+    "qwen2.5-0.5b": QwenConfig(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        **_QWEN25,
+    ),
+    "qwen2.5-1.5b": QwenConfig(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        **_QWEN25,
+    ),
+    "qwen2.5-3b": QwenConfig(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        **_QWEN25,
+    ),
+    "qwen2.5-7b": QwenConfig(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        **_QWEN25,
+    ),
+    "qwen2.5-14b": QwenConfig(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        **_QWEN25,
+    ),
+    "qwen2.5-32b": QwenConfig(
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        **_QWEN25,
+    ),
+    "qwen2.5-72b": QwenConfig(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        **_QWEN25,
+    ),
     # Not a checkpoint: the Qwen2.5 structure (GQA 2:1, q/k/v bias, tied head) at toy size, for tests.
-    "tiny": QwenConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN25),
+    "tiny": QwenConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        **_QWEN25,
+    ),
 }
 
 
@@ -246,8 +312,9 @@ def _read_rope(raw: dict[str, Any], bad) -> tuple[float, YarnScaling | None]:
         bad("rope_scaling.factor", "is missing")
     return float(theta), YarnScaling(
         factor=float(scaling["factor"]),
-        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings")
-                                              or raw.get("max_position_embeddings", 32768)),
+        original_max_position_embeddings=int(
+            scaling.get("original_max_position_embeddings") or raw.get("max_position_embeddings", 32768)
+        ),
         beta_fast=float(scaling.get("beta_fast") or 32.0),
         beta_slow=float(scaling.get("beta_slow") or 1.0),
         attention_factor=scaling.get("attention_factor"),

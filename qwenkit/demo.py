@@ -63,8 +63,14 @@ def applications(model, tok, quick: bool) -> list[tuple]:
     probs = ", ".join(f"{k} {v:.2f}" for k, v in s.probabilities.items())
     rows.append(("sentiment", "I love this product!", f"{s.label} ({probs})", times["sentiment"]))
     with timed(times, "code"):
-        result = code.generate_code(model, tok, "Write a Python function that adds two numbers.", params,
-                                    tests=ADD_TEST, repair=0 if quick else 1)
+        result = code.generate_code(
+            model,
+            tok,
+            "Write a Python function that adds two numbers.",
+            params,
+            tests=ADD_TEST,
+            repair=0 if quick else 1,
+        )
     last = result.attempts[-1]
     verdict = "tests passed in the sandbox" if result.passed else f"tests failed ({last.result.summary()})"
     first_line = next((line for line in result.code.splitlines() if line.strip()), "(no code)")
@@ -111,9 +117,23 @@ def fine_tune(folder: Path, out: Path, quick: bool) -> list[tuple]:
         for r in train:  # the classifier's own prompt, answered with the gold label
             messages = [*build_messages(r["text"], LABELS), {"role": "assistant", "content": r["label"]}]
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    cfg = build_config({"model": str(folder), "data": str(data), "output": str(out / "lora"), "method": "lora",
-                        "lora_r": 8, "lora_alpha": 16, "lr": 2e-3, "max_steps": 12 if quick else 30,
-                        "batch_size": 8, "warmup_steps": 2, "val_fraction": 0.15, "eval_every": 10, "seed": 0})
+    cfg = build_config(
+        {
+            "model": str(folder),
+            "data": str(data),
+            "output": str(out / "lora"),
+            "method": "lora",
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lr": 2e-3,
+            "max_steps": 12 if quick else 30,
+            "batch_size": 8,
+            "warmup_steps": 2,
+            "val_fraction": 0.15,
+            "eval_every": 10,
+            "seed": 0,
+        }
+    )
     shutil.rmtree(out / "lora", ignore_errors=True)  # a fresh run each time (a run refuses a used folder)
     start = time.perf_counter()
     summary = finetune(cfg, progress=sys.stderr.isatty())
@@ -121,12 +141,17 @@ def fine_tune(folder: Path, out: Path, quick: bool) -> list[tuple]:
     tuned = load_adapter(load_model(folder), out / "lora")
     after = accuracy(tuned, tok, held_out)
     plot = out / "lora" / "loss.png"
-    return [("held-out accuracy before", f"{before:.0%} ({len(held_out)} reviews)"),
-            ("held-out accuracy after", f"{after:.0%}"),
-            ("training", f"{summary['steps']} LoRA steps on {len(train)} reviews in {seconds:.0f} s; "
-                         f"loss {summary['loss']:.3f}, validation loss {summary['eval_loss']:.3f}"),
-            ("adapter (PEFT format)", str(out / "lora")),
-            ("loss plot", str(plot) if plot.exists() else "(matplotlib not installed)")]
+    return [
+        ("held-out accuracy before", f"{before:.0%} ({len(held_out)} reviews)"),
+        ("held-out accuracy after", f"{after:.0%}"),
+        (
+            "training",
+            f"{summary['steps']} LoRA steps on {len(train)} reviews in {seconds:.0f} s; "
+            f"loss {summary['loss']:.3f}, validation loss {summary['eval_loss']:.3f}",
+        ),
+        ("adapter (PEFT format)", str(out / "lora")),
+        ("loss plot", str(plot) if plot.exists() else "(matplotlib not installed)"),
+    ]
 
 
 def run(model: str | None = None, out: str = "runs/demo", quick: bool = False) -> int:

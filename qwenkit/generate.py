@@ -111,8 +111,9 @@ class ContextLengthError(ValueError):
 
 
 @torch.inference_mode()
-def prefill(model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            cache: KVCache) -> torch.Tensor:
+def prefill(
+    model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache
+) -> torch.Tensor:
     """Run the prompt through the model, filling the cache; returns the last position's logits (B, vocab)."""
     return model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
 
@@ -123,9 +124,13 @@ def decode_step(model: QwenForCausalLM, tokens: torch.Tensor, cache: KVCache) ->
     return model(tokens[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
 
 
-def generate(model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             params: SamplingParams | None = None,
-             stop_rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> Iterator[torch.Tensor]:
+def generate(
+    model: QwenForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    stop_rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), until each row has finished.
 
     A row finishes on an eos id, after max_new_tokens, at the context length, or when `stop_rows`
@@ -136,8 +141,10 @@ def generate(model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: to
     B, T = input_ids.shape
     limit = context_length(model.config)
     if T >= limit:
-        raise ContextLengthError(f"the prompt has {T} tokens; the model's context holds {limit}, "
-                                 f"so no token can be generated. Shorten the prompt.")
+        raise ContextLengthError(
+            f"the prompt has {T} tokens; the model's context holds {limit}, "
+            f"so no token can be generated. Shorten the prompt."
+        )
     max_new = min(p.max_new_tokens, limit - T)
     generator = None
     if p.seed is not None:
@@ -169,8 +176,14 @@ def generate(model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: to
         logits = decode_step(model, token, cache)
 
 
-def generate_ids(model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int | None = None, max_length: int | None = None, **kwargs) -> torch.Tensor:
+def generate_ids(
+    model: QwenForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """The transformers-style call: returns (B, T + new) ids, the prompt then the generated tokens.
 
     `max_length` counts the prompt, as in transformers; `max_new_tokens` does not.

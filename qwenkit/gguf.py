@@ -99,8 +99,13 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise GGUFError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
 
 
-def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype = "float32",
-                 overwrite: bool = False, progress: bool = False) -> Path:
+def convert_gguf(
+    gguf_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
     """Write a Hugging Face checkpoint folder from a GGUF file of the llama or qwen2 architecture.
 
     The folder holds config.json, generation_config.json, model.safetensors (or shards),
@@ -140,7 +145,8 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, dtype
         del model
         (tmp / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,8 +200,10 @@ def _other_parts(path: Path, meta: dict[str, Any], first_count: int) -> list:
         return []
     m = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", path.name)
     if meta.get("split.no", 0) != 0 or m is None or int(m.group(3)) != count:
-        raise GGUFError(f"{path}: part of a GGUF split in {count} files; pass the first one, "
-                        f"named like NAME-00001-of-{count:05d}.gguf, with the others beside it")
+        raise GGUFError(
+            f"{path}: part of a GGUF split in {count} files; pass the first one, "
+            f"named like NAME-00001-of-{count:05d}.gguf, with the others beside it"
+        )
     tensors = []
     for i in range(2, count + 1):
         part = path.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf")
@@ -225,8 +233,9 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str = "GGUF",
-                         torch_dtype: str = "float32") -> QwenConfig:
+def config_from_metadata(
+    meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str = "GGUF", torch_dtype: str = "float32"
+) -> QwenConfig:
     """A QwenConfig from a GGUF file's metadata and tensor shapes (torch order).
 
     Args:
@@ -258,20 +267,26 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
     if get("attention.value_length", head_dim) != head_dim:
         raise GGUFError(f"{where}: '{arch}.attention.value_length' differs from the key length; not a Qwen2 network")
     if get("rope.dimension_count", head_dim) != head_dim:
-        raise GGUFError(f"{where}: '{arch}.rope.dimension_count' ({get('rope.dimension_count')}) is not the head "
-                        f"dimension ({head_dim}); partial rotary embeddings are not part of the Qwen2 network")
+        raise GGUFError(
+            f"{where}: '{arch}.rope.dimension_count' ({get('rope.dimension_count')}) is not the head "
+            f"dimension ({head_dim}); partial rotary embeddings are not part of the Qwen2 network"
+        )
     if "token_embd.weight" not in shapes:
         raise GGUFError(f"{where}: tensor 'token_embd.weight' is missing")
     if "rope_freqs.weight" in shapes:
-        raise GGUFError(f"{where}: tensor 'rope_freqs.weight' (Llama 3.1-style rope scaling) is not supported; "
-                        "qwenkit implements YaRN only")
+        raise GGUFError(
+            f"{where}: tensor 'rope_freqs.weight' (Llama 3.1-style rope scaling) is not supported; "
+            "qwenkit implements YaRN only"
+        )
 
     scaling = None
     kind = get("rope.scaling.type", "none")
     if kind == "yarn":
         scaling = YarnScaling(
             factor=_f32(get("rope.scaling.factor")),
-            original_max_position_embeddings=int(get("rope.scaling.original_context_length", get("context_length", 32768))),
+            original_max_position_embeddings=int(
+                get("rope.scaling.original_context_length", get("context_length", 32768))
+            ),
             beta_fast=_f32(get("rope.scaling.yarn_beta_fast", 32.0)),
             beta_slow=_f32(get("rope.scaling.yarn_beta_slow", 1.0)),
         )
@@ -328,7 +343,8 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
         raise GGUFError(
             f"{path}: tensor '{tensor.name}' is stored as {qtype.name}, which the gguf package cannot dequantize; "
             "qwenkit imports F32, F16, BF16 and llama.cpp's quantized types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
-            "Q2_K..Q6_K, IQ*)") from None
+            "Q2_K..Q6_K, IQ*)"
+        ) from None
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ggml lists the fastest dimension first
     # F32 comes back as a read-only view of the mapped file; torch wants memory it may own.
     return np.require(values.reshape(shape), dtype=np.float32, requirements=["C", "W"])
@@ -349,7 +365,9 @@ def _build_model(tensors: list, config: QwenConfig, first: Path, dtype: torch.dt
     for path, tensor in tensors:
         name = _hf_name(tensor.name)
         if name is None or name not in params:
-            why = "not part of the Qwen2 network" if name is None else f"not expected by this {config.model_type} config"
+            why = (
+                "not part of the Qwen2 network" if name is None else f"not expected by this {config.model_type} config"
+            )
             raise GGUFError(f"{path}: unexpected tensor '{tensor.name}' ({why})")
         weight = torch.from_numpy(_dequantize(tensor, path))
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -357,8 +375,10 @@ def _build_model(tensors: list, config: QwenConfig, first: Path, dtype: torch.dt
         elif config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = _unpermute(weight, config.num_key_value_heads)
         if tuple(weight.shape) != tuple(params[name].shape):
-            raise GGUFError(f"{path}: tensor '{tensor.name}' has shape {list(weight.shape)}, the metadata asks for "
-                            f"{list(params[name].shape)} ({name})")
+            raise GGUFError(
+                f"{path}: tensor '{tensor.name}' has shape {list(weight.shape)}, the metadata asks for "
+                f"{list(params[name].shape)} ({name})"
+            )
         module_name, _, attr = name.rpartition(".")
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(weight.to(dtype), requires_grad=False)
         seen.add(name)
@@ -393,8 +413,13 @@ def generation_config_from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
     # Newer llama.cpp converters copy the model's recommended sampling into general.sampling.*.
-    sampling = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                "penalty_repeat": "repetition_penalty"}
+    sampling = {
+        "temp": "temperature",
+        "top_k": "top_k",
+        "top_p": "top_p",
+        "min_p": "min_p",
+        "penalty_repeat": "repetition_penalty",
+    }
     for key, name in sampling.items():
         value = meta.get(f"general.sampling.{key}")
         if value is not None:
@@ -419,8 +444,10 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise GGUFError(f"{where}: tokenizer.ggml.model is {kind!r}; qwenkit imports byte-level BPE ('gpt2') "
-                        "tokenizers, as Qwen2.5, SmolLM2 and Llama 3 use")
+        raise GGUFError(
+            f"{where}: tokenizer.ggml.model is {kind!r}; qwenkit imports byte-level BPE ('gpt2') "
+            "tokenizers, as Qwen2.5, SmolLM2 and Llama 3 use"
+        )
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
     merges: list[str] | None = meta.get("tokenizer.ggml.merges")
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -431,14 +458,18 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
     pre = meta.get("tokenizer.ggml.pre", "default")
     known = sorted({*_SPLIT_PATTERNS, *_DIGITS_THEN_GPT2, *_GPT2_PRE})
     if pre not in known:
-        raise GGUFError(f"{where}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer qwenkit does not know "
-                        f"(known: {', '.join(known)}); splitting text another way would change the tokens")
+        raise GGUFError(
+            f"{where}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer qwenkit does not know "
+            f"(known: {', '.join(known)}); splitting text another way would change the tokens"
+        )
 
     # Byte-level vocabularies spell every byte as a printable character; a token spelled otherwise
     # (llama.cpp writes some added tokens as plain text) is respelled, as transformers does.
     byte_char = _bytes_to_unicode()
     alphabet = set(byte_char.values())
-    vocab = {t if set(t) <= alphabet else "".join(byte_char[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
+    vocab = {
+        t if set(t) <= alphabet else "".join(byte_char[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
+    }
     pairs = []
     for merge in merges:
         parts = merge.split(" ")
@@ -447,15 +478,19 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
         pairs.append((parts[0], parts[1]))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     if pre in _SPLIT_PATTERNS:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERNS[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PATTERNS[pre]), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre in _DIGITS_THEN_GPT2:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _NFC_PRE:
@@ -478,7 +513,8 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
     bos = token("bos_token_id")
     if add_bos and bos is not None:
         tk.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
+        )
     else:
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
 
@@ -486,8 +522,14 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
         "add_bos_token": add_bos,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                     "single_word": t.single_word, "special": t.special}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
             for i, t in sorted(tk.get_added_tokens_decoder().items())
         },
         "bos_token": bos,
@@ -508,5 +550,11 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
     return tk, dict(sorted(config.items()))
 
 
-__all__ = ["ARCHITECTURES", "GGUFError", "config_from_metadata", "convert_gguf", "generation_config_from_metadata",
-           "tokenizer_from_metadata"]
+__all__ = [
+    "ARCHITECTURES",
+    "GGUFError",
+    "config_from_metadata",
+    "convert_gguf",
+    "generation_config_from_metadata",
+    "tokenizer_from_metadata",
+]

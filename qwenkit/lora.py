@@ -78,10 +78,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapter = self.lora_A.weight
         dropped = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
-        if (adapter.dtype == self.weight.dtype == x.dtype and not self.weight.requires_grad
-                and (self.bias is None or not self.bias.requires_grad) and not torch.is_autocast_enabled(x.device.type)):
-            return _LoRALinearFunction.apply(x, dropped, self.weight, self.bias, adapter, self.lora_B.weight,
-                                             self.scaling)
+        if (
+            adapter.dtype == self.weight.dtype == x.dtype
+            and not self.weight.requires_grad
+            and (self.bias is None or not self.bias.requires_grad)
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return _LoRALinearFunction.apply(
+                x, dropped, self.weight, self.bias, adapter, self.lora_B.weight, self.scaling
+            )
         # A bf16 base under fp32 adapters (or a base weight that trains): the update in the adapter's
         # dtype, rounded once, then added
         y = F.linear(x, self.weight, self.bias)  # (..., out)
@@ -213,9 +218,14 @@ class LoraSettings:
         if config.get("layers_pattern") not in (None, "layers", ["layers"]):
             bad("layers_pattern", f"is {config['layers_pattern']!r}; Qwen2's decoder layers are 'layers'")
         return cls(
-            r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
-            targets=config["target_modules"], layers=layers, use_rslora=bool(config.get("use_rslora")),
-            rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            r=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            targets=config["target_modules"],
+            layers=layers,
+            use_rslora=bool(config.get("use_rslora")),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
         )
 
 
@@ -244,9 +254,16 @@ def _pattern_value(name: str, patterns: Mapping[str, float], default):
     return default
 
 
-def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-               targets: Sequence[str] | str = ALL_LINEAR, layers: Sequence[int] | None = None,
-               use_rslora: bool = False, settings: LoraSettings | None = None) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    targets: Sequence[str] | str = ALL_LINEAR,
+    layers: Sequence[int] | None = None,
+    use_rslora: bool = False,
+    settings: LoraSettings | None = None,
+) -> nn.Module:
     """Inject LoRA adapters into `model` in place, freeze every other parameter, and return it.
 
     Args:
@@ -260,14 +277,22 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: floa
         use_rslora: scale by alpha / sqrt(r) instead.
         settings: a LoraSettings, instead of the arguments above (as read from an adapter).
     """
-    s = settings or LoraSettings(r=r, alpha=alpha, dropout=dropout, targets=targets, layers=layers,
-                                 use_rslora=use_rslora)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _targeted(n, s.targets)
-             and (s.layers is None or _layer_index(n) in set(s.layers))]
+    s = settings or LoraSettings(
+        r=r, alpha=alpha, dropout=dropout, targets=targets, layers=layers, use_rslora=use_rslora
+    )
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and _targeted(n, s.targets)
+        and (s.layers is None or _layer_index(n) in set(s.layers))
+    ]
     names = [n for n in names if not n.endswith("lm_head")]
     if not names:
-        raise AdapterError(f"LoRA targets {s.targets!r} match no linear layer of the model"
-                           + (f" in layers {list(s.layers)}" if s.layers is not None else ""))
+        raise AdapterError(
+            f"LoRA targets {s.targets!r} match no linear layer of the model"
+            + (f" in layers {list(s.layers)}" if s.layers is not None else "")
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -294,8 +319,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         parent_name, _, child = name.rpartition(".")
         w = layer.weight
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device="meta", dtype=w.dtype)
+        linear = nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=w.dtype
+        )
         linear.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
         if layer.bias is not None:
             linear.bias = layer.bias
@@ -328,8 +354,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
-def save_adapter(out_dir: str | os.PathLike, state: Mapping[str, torch.Tensor], settings: LoraSettings,
-                 base_model: str | None = None) -> Path:
+def save_adapter(
+    out_dir: str | os.PathLike, state: Mapping[str, torch.Tensor], settings: LoraSettings, base_model: str | None = None
+) -> Path:
     """Write adapter_config.json and adapter_model.safetensors as PEFT does.
 
     Args:
@@ -404,14 +431,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise AdapterError(f"{weights_file}: no tensor for '{missing[0]}' ({len(missing)} missing)")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(params[name].shape):
-            raise AdapterError(f"{weights_file}: tensor '{name}' has shape {list(tensor.shape)}, "
-                               f"the model needs {list(params[name].shape)}")
+            raise AdapterError(
+                f"{weights_file}: tensor '{name}' has shape {list(tensor.shape)}, "
+                f"the model needs {list(params[name].shape)}"
+            )
         params[name].copy_(tensor)
     return model
 
 
-def merge_checkpoint(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                     dtype: torch.dtype | None = None) -> Path:
+def merge_checkpoint(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write a Hugging Face checkpoint whose outputs equal the base model plus the adapter.
 
     Args:
@@ -432,8 +465,14 @@ def merge_checkpoint(model_dir: str | os.PathLike, adapter_dir: str | os.PathLik
     merge_lora(model)
     save_dtype = dtype or getattr(torch, model.config.torch_dtype, torch.float32)
     model.save_pretrained(out_dir, dtype=save_dtype)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                 "special_tokens_map.json", "added_tokens.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    ):
         if (base / name).exists():
             shutil.copyfile(base / name, Path(out_dir) / name)
     return Path(out_dir)
@@ -445,6 +484,18 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ALL_LINEAR", "AdapterError", "LoRALinear", "LoraSettings", "apply_lora", "load_adapter",
-           "initial_lora_weights", "lora_state_dict", "merge_checkpoint", "merge_lora", "read_adapter", "save_adapter",
-           "save_model_adapter"]
+__all__ = [
+    "ALL_LINEAR",
+    "AdapterError",
+    "LoRALinear",
+    "LoraSettings",
+    "apply_lora",
+    "load_adapter",
+    "initial_lora_weights",
+    "lora_state_dict",
+    "merge_checkpoint",
+    "merge_lora",
+    "read_adapter",
+    "save_adapter",
+    "save_model_adapter",
+]

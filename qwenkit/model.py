@@ -92,7 +92,7 @@ class RotaryEmbedding(nn.Module):
         if device == torch.device("meta"):
             return
         exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
-        inv_freq = 1.0 / (c.rope_theta ** exponents)  # (D/2,)
+        inv_freq = 1.0 / (c.rope_theta**exponents)  # (D/2,)
         if c.rope_scaling is not None:
             inv_freq = _yarn_inv_freq(inv_freq, c.rope_theta, dim, c.rope_scaling)
         self.inv_freq = inv_freq
@@ -135,8 +135,14 @@ class KVCache:
     step whose mask is all zeros for a row leaves that row where it was.
     """
 
-    def __init__(self, config: QwenConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: QwenConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (batch_size, config.num_key_value_heads, max_len, config.dim_per_head)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -180,7 +186,7 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     B, H, _, D = q.shape
     K, S = k.shape[1], k.shape[2]
-    scores = q.reshape(B, K, H // K, D).float() @ k.float().transpose(-1, -2) * D ** -0.5  # (B, K, H/K, S)
+    scores = q.reshape(B, K, H // K, D).float() @ k.float().transpose(-1, -2) * D**-0.5  # (B, K, H/K, S)
     scores = scores.masked_fill(~mask.reshape(B, 1, 1, S), float("-inf"))
     y = torch.softmax(scores, dim=-1) @ v.float()  # (B, K, H/K, D)
     return y.reshape(B, H, 1, D).to(q.dtype)
@@ -319,13 +325,13 @@ class QwenForCausalLM(nn.Module):
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T), 1 for real tokens and 0 for padding (left or right).
-            labels: (B, T) targets, aligned with input_ids (the shift happens here); -100 is ignored.
-            position_ids: (B, T) explicit positions. Without a cache, a position that restarts at 0
-                starts a new packed sample, and tokens never attend across samples.
-            cache: a KVCache to read and extend (generation); its length advances by T.
-            logits_to_keep: compute logits for the last N positions only (0: all).
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding (left or right).
+        labels: (B, T) targets, aligned with input_ids (the shift happens here); -100 is ignored.
+        position_ids: (B, T) explicit positions. Without a cache, a position that restarts at 0
+            starts a new packed sample, and tokens never attend across samples.
+        cache: a KVCache to read and extend (generation); its length advances by T.
+        logits_to_keep: compute logits for the last N positions only (0: all).
         """
         x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep:
@@ -354,7 +360,9 @@ class QwenForCausalLM(nn.Module):
                     x = block(x, cos, sin, mask, cache)
             x = self.model.norm(x)
         if cache is not None:  # a row with no real token this step stays put
-            cache.lengths += input_ids.shape[1] if attention_mask is None else input_ids.shape[1] * attention_mask.any(-1)
+            cache.lengths += (
+                input_ids.shape[1] if attention_mask is None else input_ids.shape[1] * attention_mask.any(-1)
+            )
         return x if y is None else y
 
     def _decode_natively(self, x, cos, sin, cache: KVCache) -> torch.Tensor | None:
@@ -432,5 +440,6 @@ class QwenForCausalLM(nn.Module):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean next-token cross-entropy over the labels that are not -100; computed in fp32."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position t predicts t+1
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )

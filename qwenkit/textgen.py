@@ -45,11 +45,17 @@ class StopMatcher:
         self.buffer += delta
         hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.buffer = self.buffer[:min(hits)], ""
+            out, self.buffer = self.buffer[: min(hits)], ""
             return out, True
-        hold = next((k for k in range(min(len(self.buffer), max(map(len, self.stops), default=1) - 1), 0, -1)
-                     if any(s.startswith(self.buffer[-k:]) for s in self.stops)), 0)
-        out, self.buffer = self.buffer[:len(self.buffer) - hold], self.buffer[len(self.buffer) - hold:]
+        hold = next(
+            (
+                k
+                for k in range(min(len(self.buffer), max(map(len, self.stops), default=1) - 1), 0, -1)
+                if any(s.startswith(self.buffer[-k:]) for s in self.stops)
+            ),
+            0,
+        )
+        out, self.buffer = self.buffer[: len(self.buffer) - hold], self.buffer[len(self.buffer) - hold :]
         return out, False
 
     def flush(self) -> str:
@@ -75,8 +81,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -86,8 +92,14 @@ class TextStream:
     After the loop, `completions` holds each row's text, ids and finish reason.
     """
 
-    def __init__(self, model: QwenForCausalLM, tok: Tokenizer, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams, stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        model: QwenForCausalLM,
+        tok: Tokenizer,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        stop: Sequence[str] = (),
+    ):
         self.model, self.tok, self.params = model, tok, params
         self.prompts = [list(p) for p in prompts]
         self.stop = list(stop)
@@ -106,8 +118,9 @@ class TextStream:
         def stop_rows(_tokens):
             return stopped.clone()
 
-        for tokens in generate(self.model, ids.to(self.model.device), mask.to(self.model.device),
-                               self.params, stop_rows):
+        for tokens in generate(
+            self.model, ids.to(self.model.device), mask.to(self.model.device), self.params, stop_rows
+        ):
             deltas = [""] * B
             for i, token in zip(rows, tokens.tolist()):
                 c = self.completions[i]
@@ -138,16 +151,24 @@ class TextStream:
             yield tail
 
 
-def stream_text(model: QwenForCausalLM, tok: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                stop: Sequence[str] = ()) -> Iterator[str]:
+def stream_text(
+    model: QwenForCausalLM, tok: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = ()
+) -> Iterator[str]:
     """Text deltas of one prompt's completion, as they are generated."""
     for deltas in TextStream(model, tok, [prompt_ids], params, stop):
         if deltas[0]:
             yield deltas[0]
 
 
-def complete(model: QwenForCausalLM, tok: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams,
-             stop: Sequence[str] = (), chat: bool = True, system: str | None = None) -> list[Completion]:
+def complete(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    stop: Sequence[str] = (),
+    chat: bool = True,
+    system: str | None = None,
+) -> list[Completion]:
     """Complete a batch of prompts together (left-padded); greedy rows equal their unbatched runs."""
     stream = TextStream(model, tok, [encode_prompt(tok, p, chat, system) for p in prompts], params, stop)
     for _ in stream:

@@ -69,8 +69,18 @@ def test_repl_commands(model, tok_qwen, tmp_path):
 
 
 def test_chat_from_a_script(model_dir):
-    cmd = [sys.executable, "-m", "qwenkit", "chat", "--model", str(model_dir), "--max-new-tokens", "5",
-           "--temperature", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwenkit",
+        "chat",
+        "--model",
+        str(model_dir),
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+    ]
     one = subprocess.run(cmd + ["--message", "Hi there"], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     piped = subprocess.run(cmd, input="Hi there\n/save /dev/stdout\n", capture_output=True, text=True)
@@ -81,16 +91,36 @@ def test_chat_from_a_script(model_dir):
 
 def test_generate_file_mode_reports_bad_lines_and_does_the_rest(model_dir, tmp_path, capsys):
     source = tmp_path / "prompts.jsonl"
-    source.write_text("\n".join([
-        json.dumps({"prompt": "Hello", "id": 1}),
-        "{not json",
-        json.dumps({"messages": [{"role": "user", "content": "你好"}], "id": 3}),
-        json.dumps({"text": "no prompt field"}),
-        json.dumps({"prompt": "Bye", "id": 5}),
-    ]) + "\n")
+    source.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "Hello", "id": 1}),
+                "{not json",
+                json.dumps({"messages": [{"role": "user", "content": "你好"}], "id": 3}),
+                json.dumps({"text": "no prompt field"}),
+                json.dumps({"prompt": "Bye", "id": 5}),
+            ]
+        )
+        + "\n"
+    )
     dest = tmp_path / "out.jsonl"
-    status = main(["generate", "--model", str(model_dir), "--input", str(source), "--output", str(dest),
-                   "--max-new-tokens", "4", "--temperature", "0", "--batch-size", "2"])
+    status = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--input",
+            str(source),
+            "--output",
+            str(dest),
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert status == 1
     err = capsys.readouterr().err
     assert f"{source}:2:" in err and f"{source}:4:" in err and "prompt" in err
@@ -104,8 +134,17 @@ def test_generate_file_mode_reports_bad_lines_and_does_the_rest(model_dir, tmp_p
 
 
 def test_generate_stream_and_raw(model_dir, capsys):
-    base = ["generate", "--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "6",
-            "--temperature", "0"]
+    base = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
     main(base + ["--raw"])
     raw = capsys.readouterr().out
     main(base + ["--raw", "--stream"])

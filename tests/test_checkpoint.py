@@ -99,6 +99,7 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
 
 # ---- bad checkpoints: each error names the file and the tensor ---------------------------------------
 
+
 @pytest.fixture
 def sharded(tmp_path):
     random_model(tiny_config()).save_pretrained(tmp_path, max_shard_size="100KB")
@@ -203,11 +204,18 @@ def half_b_checkpoint(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_loading_05b_peaks_near_weight_size(half_b_checkpoint, dtype):
-    result = subprocess.run([sys.executable, "-c", MEASURE, str(half_b_checkpoint), dtype],
-                            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": "."})
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(half_b_checkpoint), dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": "."},
+    )
     weights, peak, kept = map(int, result.stdout.split())
-    print(f"0.5B {dtype}: weights {weights / 2**20:.0f} MiB, load peak {peak / 2**20:.0f} MiB, "
-          f"ratio {peak / weights:.2f}, kept after the load {kept / weights:.2f}")
+    print(
+        f"0.5B {dtype}: weights {weights / 2**20:.0f} MiB, load peak {peak / 2**20:.0f} MiB, "
+        f"ratio {peak / weights:.2f}, kept after the load {kept / weights:.2f}"
+    )
     assert weights > 0.9e9
     assert peak <= 1.15 * weights
     # A load must not leave the process holding more than the weights and its fixed costs (under

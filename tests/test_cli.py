@@ -22,8 +22,15 @@ def test_new_writes_a_checkpoint_transformers_loads(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = {p.name for p in tiny_dir.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "vocab.json", "merges.txt"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    } <= names
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     hf_tok = AutoTokenizer.from_pretrained(tiny_dir)
     ours = qwenkit.load_model(tiny_dir)
@@ -43,16 +50,17 @@ def test_generate_matches_transformers_end_to_end(tiny_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompt = "What is the capital of France?"
-    assert main(["generate", "--model", str(tiny_dir), "--prompt", prompt, "--max-new-tokens", "8",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(["generate", "--model", str(tiny_dir), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"])
+        == 0
+    )
     printed = capsys.readouterr().out
     hf_tok = AutoTokenizer.from_pretrained(tiny_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    text = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=False)
+    text = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     ids = torch.tensor([hf_tok.encode(text)])
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    assert printed == hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+    assert printed == hf_tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
 
 
 def test_bad_input_is_one_clear_line(tmp_path, capsys):
@@ -66,8 +74,10 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 
 
 def test_help_lists_commands_without_importing_torch():
-    code = ("import sys\nfrom qwenkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys\nfrom qwenkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "new" in result.stdout and "generate" in result.stdout

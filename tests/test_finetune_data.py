@@ -9,8 +9,17 @@ import json
 import pytest
 import torch
 
-from qwenkit.finetune.data import (IGNORE_INDEX, DataError, StepBatches, collate, eval_batches, load_conversations,
-                                   pack, split_validation, tokenize)
+from qwenkit.finetune.data import (
+    IGNORE_INDEX,
+    DataError,
+    StepBatches,
+    collate,
+    eval_batches,
+    load_conversations,
+    pack,
+    split_validation,
+    tokenize,
+)
 
 ALPACA = [
     {"instruction": "Capital of France?", "output": "Paris."},
@@ -18,21 +27,30 @@ ALPACA = [
 ]
 SHAREGPT = [
     {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}]},
-    {"system": "Be terse.", "conversations": [{"from": "human", "value": "Add these.\n\n2 and 3"},
-                                              {"from": "gpt", "value": "5"}]},
+    {
+        "system": "Be terse.",
+        "conversations": [{"from": "human", "value": "Add these.\n\n2 and 3"}, {"from": "gpt", "value": "5"}],
+    },
 ]
 OPENAI = [
     {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
-    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Add these.\n\n2 and 3"},
-                  {"role": "assistant", "content": "5"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Add these.\n\n2 and 3"},
+            {"role": "assistant", "content": "5"},
+        ]
+    },
 ]
-MULTI_TURN = {"messages": [
-    {"role": "system", "content": "You answer in one word."},
-    {"role": "user", "content": "Capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "And of Germany?"},
-    {"role": "assistant", "content": "Berlin, since 1990."},
-]}
+MULTI_TURN = {
+    "messages": [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Germany?"},
+        {"role": "assistant", "content": "Berlin, since 1990."},
+    ]
+}
 
 
 def write_jsonl(path, rows):
@@ -71,8 +89,9 @@ def test_every_format_and_file_type_gives_the_same_conversations(tmp_path, rows,
 def test_datasets_folder_is_read(tmp_path):
     import datasets
 
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(OPENAI),
-                          "validation": datasets.Dataset.from_list(OPENAI[:1])}).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(OPENAI), "validation": datasets.Dataset.from_list(OPENAI[:1])}
+    ).save_to_disk(str(tmp_path / "ds"))
     train, stats = load_conversations(tmp_path / "ds")
     val, _ = load_conversations(tmp_path / "ds", split=("validation", "test"))
     assert stats.format == "openai" and len(train) == 2 and len(val) == 1
@@ -115,10 +134,12 @@ def test_padding_is_not_learned_and_is_not_im_end(tmp_path, tok_qwen):
 
 
 def test_truncation_and_rows_without_target_are_counted(tmp_path, tok_qwen):
-    long_answer = {"messages": [{"role": "user", "content": "Count."},
-                                {"role": "assistant", "content": " ".join(["one"] * 200)}]}
-    long_prompt = {"messages": [{"role": "user", "content": " ".join(["word"] * 200)},
-                                {"role": "assistant", "content": "ok"}]}
+    long_answer = {
+        "messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(["one"] * 200)}]
+    }
+    long_prompt = {
+        "messages": [{"role": "user", "content": " ".join(["word"] * 200)}, {"role": "assistant", "content": "ok"}]
+    }
     convs, stats = load_conversations(write_jsonl(tmp_path / "d.jsonl", [long_answer, long_prompt, OPENAI[0]]))
     samples = tokenize(tok_qwen, convs, max_seq_len=64, stats=stats)
     assert stats.truncated == 2 and stats.dropped_no_target == 1
@@ -130,8 +151,10 @@ BAD_ROWS = [
     ('{"instruction": "hi"}', "missing field 'output'"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "wrong role order"),
     ('{"messages": [{"role": "assistant", "content": "first"}]}', "wrong role order"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}',
-     "empty assistant turn"),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}',
+        "empty assistant turn",
+    ),
     ('{"messages": [{"role": "user", "content": "a"}, {"content": "b"}]}', "missing field 'role'"),
     ('{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]}', "missing field 'value'"),
     ('{"instruction": "hi", "output": "x"', "not JSON"),
@@ -164,8 +187,14 @@ def test_bad_rows_in_json_and_csv_files_name_their_line(tmp_path):
 
 
 def test_skip_bad_rows_skips_and_counts(tmp_path):
-    lines = [json.dumps(OPENAI[0]), BAD_ROWS[1][0], BAD_ROWS[3][0], BAD_ROWS[6][0], json.dumps(OPENAI[1]),
-             BAD_ROWS[2][0]]
+    lines = [
+        json.dumps(OPENAI[0]),
+        BAD_ROWS[1][0],
+        BAD_ROWS[3][0],
+        BAD_ROWS[6][0],
+        json.dumps(OPENAI[1]),
+        BAD_ROWS[2][0],
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     convs, stats = load_conversations(path, skip_bad_rows=True)
@@ -183,8 +212,9 @@ def test_packing_restarts_positions_and_keeps_samples_apart(tmp_path, tok_qwen):
     (packed,) = pack(samples, max_seq_len=4096, seed=0)
     assert len(packed) == sum(len(s) for s in samples)
     starts = [i for i, p in enumerate(packed.position_ids) if p == 0]
-    assert len(starts) == 3 and sorted(b - a for a, b in zip(starts, starts[1:] + [len(packed)])) == \
-        sorted(len(s) for s in samples)
+    assert len(starts) == 3 and sorted(b - a for a, b in zip(starts, starts[1:] + [len(packed)])) == sorted(
+        len(s) for s in samples
+    )
     # The loss of the packed sequence is the sum of the samples' own losses: no attention, no label,
     # crosses a boundary.
     head = CausalLMLoss(random_model(tiny_config(vocab_size=151936), seed=3))
@@ -226,6 +256,7 @@ def test_global_batch_is_the_same_for_any_number_of_processes():
     # Evaluation shares: every sample once over all ranks, the same number of batches on each.
     shares = [list(eval_batches(samples[:9], 2, 2, r, pad_id=0)) for r in range(2)]
     assert len(shares[0]) == len(shares[1])
-    counted = [row for share in shares for b in share for row, lab in zip(_rows(b), b["labels"])
-               if (lab != IGNORE_INDEX).any()]
+    counted = [
+        row for share in shares for b in share for row, lab in zip(_rows(b), b["labels"]) if (lab != IGNORE_INDEX).any()
+    ]
     assert sorted(counted) == sorted(tuple(s.input_ids) for s in samples[:9])

@@ -23,8 +23,17 @@ def _env():
 
 
 def _torchrun(nproc, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "qwenkit.finetune.cli", *args, "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "qwenkit.finetune.cli",
+        *args,
+        "--no-progress",
+    ]
 
 
 def _single(*args):
@@ -49,16 +58,35 @@ def files(tmp_path_factory, tok_qwen):
     model = random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=6)
     rng = random.Random(3)
     # Rows of different lengths, so each process pads its own micro-batches differently.
-    rows = [{"instruction": "Repeat: " + " ".join(["ab"] * rng.randint(1, 12)), "output": "ok " * rng.randint(1, 9)}
-            for _ in range(40)]
+    rows = [
+        {"instruction": "Repeat: " + " ".join(["ab"] * rng.randint(1, 12)), "output": "ok " * rng.randint(1, 9)}
+        for _ in range(40)
+    ]
     return write_run_files(root, model, tok_qwen, rows)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_processes_match_one_with_the_same_global_batch(files, tmp_path, method):
-    common = ["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--method", method,
-              "--lr", "2e-3", "--max-steps", "5", "--val-fraction", "0.2", "--eval-every", "5", "--lora-dropout", "0",
-              "--seed", "4"]
+    common = [
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--method",
+        method,
+        "--lr",
+        "2e-3",
+        "--max-steps",
+        "5",
+        "--val-fraction",
+        "0.2",
+        "--eval-every",
+        "5",
+        "--lora-dropout",
+        "0",
+        "--seed",
+        "4",
+    ]
     _run(_single(*common, "--batch-size", "4", "--output", str(tmp_path / "one")))
     # 1 sequence x 2 micro-batches x 2 processes = the single run's 4.
     two = _run(_torchrun(2, *common, "--batch-size", "1", "--grad-accum", "2", "--output", str(tmp_path / "two")))
@@ -94,16 +122,46 @@ finetune(cfg, callbacks=[kill], progress=False)
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["sharded", "full"])
 def test_fsdp_checkpoints_resume_exactly(files, tmp_path, fmt):
-    common = ["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--method", "full",
-              "--lr", "2e-3", "--max-steps", "6", "--batch-size", "2", "--save-every", "3", "--seed", "8",
-              "--checkpoint-format", fmt]
+    common = [
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--method",
+        "full",
+        "--lr",
+        "2e-3",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "3",
+        "--seed",
+        "8",
+        "--checkpoint-format",
+        fmt,
+    ]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     _run(_torchrun(2, *common, "--output", str(whole)))
     # One rank dies by SIGKILL at step 5; torchrun then stops the other.
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
-    died = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 str(killer), "5", *common, "--output", str(broken)], ok=False)
+    died = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(killer),
+            "5",
+            *common,
+            "--output",
+            str(broken),
+        ],
+        ok=False,
+    )
     assert died.returncode != 0 and "SIGKILL" in died.stderr
     if fmt == "sharded":
         _run(_torchrun(2, *common, "--output", str(broken), "--resume"))

@@ -33,22 +33,25 @@ def test_the_7b_recipes_say_what_they_are_for():
     assert full.method == "full" and full.precision == "bf16-mixed" and full.checkpoint_format == "sharded"
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"learning_rate": 1e-4}, "unknown key 'learning_rate'"),
-    ({"lrr": 1e-4}, "did you mean 'lr'"),
-    ({"lr": "fast"}, "key 'lr': must be a number"),
-    ({"lr": -1}, "key 'lr': must be positive"),
-    ({"method": "qlora"}, "key 'method': must be one of full, lora, freeze"),
-    ({"batch_size": 2.5}, "key 'batch_size': must be an integer"),
-    ({"packing": "maybe"}, "key 'packing': must be true or false"),
-    ({"val_fraction": 1.5}, "key 'val_fraction'"),
-    ({"layer_lr_decay": 0}, "key 'layer_lr_decay'"),
-    ({"lora_targets": ["q_proj", "lm_head"]}, "key 'lora_targets': unknown module 'lm_head'"),
-    ({"method": "freeze"}, "key 'train_layers': is required"),
-    ({"method": "full", "train_layers": 2}, "key 'train_layers'"),
-    ({"eval_every": 10}, "key 'eval_every': needs validation data"),
-    ({"early_stop_patience": 2}, "key 'early_stop_patience'"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"learning_rate": 1e-4}, "unknown key 'learning_rate'"),
+        ({"lrr": 1e-4}, "did you mean 'lr'"),
+        ({"lr": "fast"}, "key 'lr': must be a number"),
+        ({"lr": -1}, "key 'lr': must be positive"),
+        ({"method": "qlora"}, "key 'method': must be one of full, lora, freeze"),
+        ({"batch_size": 2.5}, "key 'batch_size': must be an integer"),
+        ({"packing": "maybe"}, "key 'packing': must be true or false"),
+        ({"val_fraction": 1.5}, "key 'val_fraction'"),
+        ({"layer_lr_decay": 0}, "key 'layer_lr_decay'"),
+        ({"lora_targets": ["q_proj", "lm_head"]}, "key 'lora_targets': unknown module 'lm_head'"),
+        ({"method": "freeze"}, "key 'train_layers': is required"),
+        ({"method": "full", "train_layers": 2}, "key 'train_layers'"),
+        ({"eval_every": 10}, "key 'eval_every': needs validation data"),
+        ({"early_stop_patience": 2}, "key 'early_stop_patience'"),
+    ],
+)
 def test_unknown_keys_and_bad_values_name_the_key(values, message):
     with pytest.raises(RecipeError, match=message):
         load_config(None, values)
@@ -70,13 +73,42 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_yaml_then_key_values_then_flags(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: base\ndata: d.jsonl\noutput: out\nlr: 1.0e-3\nbatch_size: 8\nmethod: full\n")
-    cfg, _ = config_from_args([str(recipe), "lr=2e-4", "lora_targets=[q_proj,v_proj]", "method=lora",
-                               "--batch-size", "2", "--max-steps", "7", "--packing", "--train-layers", "3",
-                               "--lora-dropout", "0"])
+    cfg, _ = config_from_args(
+        [
+            str(recipe),
+            "lr=2e-4",
+            "lora_targets=[q_proj,v_proj]",
+            "method=lora",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "7",
+            "--packing",
+            "--train-layers",
+            "3",
+            "--lora-dropout",
+            "0",
+        ]
+    )
     assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.packing, cfg.method) == (2e-4, 2, 7, True, "lora")
     assert cfg.lora_targets == ["q_proj", "v_proj"] and cfg.train_layers == 3 and cfg.lora_dropout == 0.0
-    cfg, _ = config_from_args(["--model", "m", "--data", "d", "--output", "o", "--train-layers",
-                               "model.norm,lm_head", "--method", "freeze", "--no-packing", "--seed", "5"])
+    cfg, _ = config_from_args(
+        [
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--output",
+            "o",
+            "--train-layers",
+            "model.norm,lm_head",
+            "--method",
+            "freeze",
+            "--no-packing",
+            "--seed",
+            "5",
+        ]
+    )
     assert cfg.train_layers == ["model.norm", "lm_head"] and cfg.packing is False and cfg.seed == 5
     # A path that YAML would read as a bool or a number stays text.
     cfg, _ = config_from_args(["model=no", "data=1.5", "output=o"])
@@ -93,12 +125,15 @@ def test_help_lists_every_key_with_its_default(capsys):
     assert "(default: 0.0002)" in text and "(default: lora)" in text and "torchrun" in text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "m", "--data", "d", "--output", "o", "--lr", "abc"], "key 'lr': must be a number"),
-    (["colour=blue"], "unknown key 'colour'"),
-    (["--data", "d", "--output", "o"], "key 'model': is required"),
-    (["missing.yaml"], "missing.yaml: no such recipe file"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "m", "--data", "d", "--output", "o", "--lr", "abc"], "key 'lr': must be a number"),
+        (["colour=blue"], "unknown key 'colour'"),
+        (["--data", "d", "--output", "o"], "key 'model': is required"),
+        (["missing.yaml"], "missing.yaml: no such recipe file"),
+    ],
+)
 def test_user_errors_are_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -109,8 +144,20 @@ def test_missing_data_file_is_a_user_error(tmp_path, capsys):
     from reference import random_model, tiny_config
 
     random_model(tiny_config(vocab_size=151936)).save_pretrained(tmp_path / "m")
-    assert main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "nope.jsonl"), "--output",
-                 str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "m"),
+                "--data",
+                str(tmp_path / "nope.jsonl"),
+                "--output",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "nope.jsonl: no such data file" in capsys.readouterr().err
 
 

@@ -36,8 +36,9 @@ def _env():
 
 def _losses(out):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r], \
-        [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r], [
+        (r["step"], r["eval_loss"]) for r in records if "eval_loss" in r
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,10 @@ def files(tmp_path_factory, tok_qwen):
     root = tmp_path_factory.mktemp("resume")
     model = random_model(tiny_config(vocab_size=151936, initializer_range=0.1), seed=5)
     rng = random.Random(2)
-    rows = [{"conversations": [{"from": "human", "value": f"Spell {n}."}, {"from": "gpt", "value": " ".join(str(n))}]}
-            for n in (rng.randint(10, 99999) for _ in range(30))]
+    rows = [
+        {"conversations": [{"from": "human", "value": f"Spell {n}."}, {"from": "gpt", "value": " ".join(str(n))}]}
+        for n in (rng.randint(10, 99999) for _ in range(30))
+    ]
     return write_run_files(root, model, tok_qwen, rows)
 
 
@@ -54,25 +57,70 @@ def files(tmp_path_factory, tok_qwen):
 def test_sigkill_and_resume_gives_identical_losses(files, tmp_path, method):
     # 24 training rows / (3 x 2) = 4 steps per epoch: the kill lands in the second epoch, between
     # checkpoints, with dropout drawing random numbers and the top layers still frozen.
-    args = ["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--method", method,
-            "--lr", "3e-3", "--batch-size", "3", "--grad-accum", "2", "--max-steps", "10", "--save-every", "3",
-            "--keep-last", "1", "--val-fraction", "0.2", "--eval-every", "4", "--lora-dropout", "0.1",
-            "--unfreeze-every", "4", "--layer-lr-decay", "0.5", "--warmup-steps", "2", "--seed", "11"]
+    args = [
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--method",
+        method,
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "3",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "10",
+        "--save-every",
+        "3",
+        "--keep-last",
+        "1",
+        "--val-fraction",
+        "0.2",
+        "--eval-every",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--unfreeze-every",
+        "4",
+        "--layer-lr-decay",
+        "0.5",
+        "--warmup-steps",
+        "2",
+        "--seed",
+        "11",
+    ]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    done = subprocess.run([sys.executable, "-m", "qwenkit.finetune.cli", *args, "--output", str(whole),
-                           "--no-progress"], env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "qwenkit.finetune.cli", *args, "--output", str(whole), "--no-progress"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
 
-    killed = subprocess.run([sys.executable, "-c", KILLER, "8", *args, "--output", str(broken)], env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, "8", *args, "--output", str(broken)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [s for s, _ in _losses(broken)[0]] == list(range(1, 9))
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step-00000006"]
     # A checkpoint whose writing was cut short is ignored.
     (broken / "checkpoints" / ".tmp-step-00000009").mkdir()
 
-    resumed = subprocess.run([sys.executable, "-m", "qwenkit.finetune.cli", *args, "--output", str(broken),
-                              "--resume", "--no-progress"], env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "qwenkit.finetune.cli", *args, "--output", str(broken), "--resume", "--no-progress"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "step 6" in resumed.stderr
     assert _losses(broken) == _losses(whole)

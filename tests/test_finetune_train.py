@@ -33,17 +33,32 @@ def files(tmp_path_factory, tok_qwen):
     rows = []
     for _ in range(40):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                ]
+            }
+        )
     write_run_files(root, model, tok_qwen, rows[:32])
     write_jsonl(root / "val.jsonl", rows[32:])
     return root
 
 
 def recipe(files, out, **changes):
-    return load_config(None, {"model": str(files / "model"), "data": str(files / "train.jsonl"),
-                              "val_data": str(files / "val.jsonl"), "output": str(out), "batch_size": 4,
-                              "max_seq_len": 96, **changes})
+    return load_config(
+        None,
+        {
+            "model": str(files / "model"),
+            "data": str(files / "train.jsonl"),
+            "val_data": str(files / "val.jsonl"),
+            "output": str(out),
+            "batch_size": 4,
+            "max_seq_len": 96,
+            **changes,
+        },
+    )
 
 
 def metrics(out):
@@ -55,16 +70,25 @@ def test_lora_run_lowers_validation_loss_and_writes_a_peft_adapter(files, tmp_pa
     from transformers import AutoModelForCausalLM
 
     # The repository's tiny CPU recipe, pointed at this test's model and data.
-    cfg = load_config(TINY_RECIPE, {"model": str(files / "model"), "data": str(files / "train.jsonl"),
-                                    "output": str(tmp_path / "lora"), "max_steps": 24, "save_every": 0})
+    cfg = load_config(
+        TINY_RECIPE,
+        {
+            "model": str(files / "model"),
+            "data": str(files / "train.jsonl"),
+            "output": str(tmp_path / "lora"),
+            "max_steps": 24,
+            "save_every": 0,
+        },
+    )
     trainer = Trainer(cfg, progress=False).setup()
     before = trainer.evaluate()
     summary = trainer.train()
     assert summary["eval_loss"] < before - 1.0, (before, summary)
 
     out = tmp_path / "lora"
-    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "best"} <= \
-        {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "best"} <= {
+        p.name for p in out.iterdir()
+    }
     records = metrics(out)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 25))
@@ -73,10 +97,12 @@ def test_lora_run_lowers_validation_loss_and_writes_a_peft_adapter(files, tmp_pa
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # PEFT on transformers, with the adapter the run wrote, gives the run's own logits.
-    ids = torch.tensor([tok_qwen.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}],
-                                                     add_generation_prompt=True)])
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files / "model", dtype=torch.float32),
-                                           out).eval()
+    ids = torch.tensor(
+        [tok_qwen.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True)]
+    )
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(files / "model", dtype=torch.float32), out
+    ).eval()
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, trainer.model(ids).logits, rtol=0, atol=1e-4)
@@ -92,10 +118,12 @@ def test_full_run_lowers_validation_loss_and_writes_a_checkpoint(files, tmp_path
     assert summary["eval_loss"] < before - 1.0, (before, summary)
 
     out = tmp_path / "full"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= \
-        {p.name for p in out.iterdir()}
-    ids = torch.tensor([tok_qwen.apply_chat_template([{"role": "user", "content": "What is 4 plus 4?"}],
-                                                     add_generation_prompt=True)])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    ids = torch.tensor(
+        [tok_qwen.apply_chat_template([{"role": "user", "content": "What is 4 plus 4?"}], add_generation_prompt=True)]
+    )
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     trainer.model.eval()
     with torch.no_grad():
@@ -104,8 +132,16 @@ def test_full_run_lowers_validation_loss_and_writes_a_checkpoint(files, tmp_path
 
 def test_early_stopping_keeps_the_best_model(files, tmp_path):
     # A constant, high lr on 32 rows: the validation loss falls, then overfitting makes it climb.
-    cfg = recipe(files, tmp_path / "es", method="full", lr=1e-2, scheduler="constant", max_steps=60, eval_every=2,
-                 early_stop_patience=2)
+    cfg = recipe(
+        files,
+        tmp_path / "es",
+        method="full",
+        lr=1e-2,
+        scheduler="constant",
+        max_steps=60,
+        eval_every=2,
+        early_stop_patience=2,
+    )
     trainer = Trainer(cfg, progress=False).setup()
     summary = trainer.train()
     evals = [(r["step"], r["eval_loss"]) for r in metrics(tmp_path / "es") if "eval_loss" in r]
@@ -113,17 +149,19 @@ def test_early_stopping_keeps_the_best_model(files, tmp_path):
     best_i = min(range(len(losses)), key=lambda i: (losses[i], i))
     assert summary["stopped_early"] and summary["steps"] < 60 and best_i > 0
     # It stopped at the second evaluation in a row without improvement, and kept the best one.
-    assert len(evals) == best_i + 3 and all(not loss < losses[best_i] for loss in losses[best_i + 1:])
+    assert len(evals) == best_i + 3 and all(not loss < losses[best_i] for loss in losses[best_i + 1 :])
     assert summary["best_step"] == evals[best_i][0] and summary["best_eval_loss"] == losses[best_i]
-    best = Trainer(recipe(files, tmp_path / "check", model=str(tmp_path / "es" / "best"), method="full"),
-                   progress=False).setup()
+    best = Trainer(
+        recipe(files, tmp_path / "check", model=str(tmp_path / "es" / "best"), method="full"), progress=False
+    ).setup()
     assert best.evaluate() == pytest.approx(losses[best_i], rel=1e-5)
 
 
 def test_micro_batches_and_checkpointing_do_not_change_the_losses(files, tmp_path):
     a = recipe(files, tmp_path / "a", method="full", lr=1e-3, max_steps=4, batch_size=4, grad_accum=1)
-    b = recipe(files, tmp_path / "b", method="full", lr=1e-3, max_steps=4, batch_size=2, grad_accum=2,
-               grad_checkpointing=True)
+    b = recipe(
+        files, tmp_path / "b", method="full", lr=1e-3, max_steps=4, batch_size=2, grad_accum=2, grad_checkpointing=True
+    )
     Trainer(a, progress=False).setup().train()
     Trainer(b, progress=False).setup().train()
     la = [r["loss"] for r in metrics(tmp_path / "a") if "loss" in r]
@@ -134,9 +172,27 @@ def test_micro_batches_and_checkpointing_do_not_change_the_losses(files, tmp_pat
 
 def test_checkpoints_keep_the_last_k_and_a_finished_run_is_not_overwritten(files, tmp_path, capsys):
     out = tmp_path / "ck"
-    argv = ["--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output", str(out),
-            "--max-steps", "5", "--save-every", "2", "--keep-last", "2", "--lr", "1e-3", "--batch-size", "4",
-            "--seed", "3", "--no-progress"]
+    argv = [
+        "--model",
+        str(files / "model"),
+        "--data",
+        str(files / "train.jsonl"),
+        "--output",
+        str(out),
+        "--max-steps",
+        "5",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "2",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "4",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert main(argv) == 2
@@ -172,8 +228,9 @@ def test_fused_loss_equals_cross_entropy_in_value_and_gradient(smoothing, head_t
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(grads, (h.grad, w.grad), rtol=1e-10, atol=1e-12)
     with torch.no_grad():  # evaluation: the loss alone
-        torch.testing.assert_close(fused_linear_cross_entropy(h, w, targets, smoothing, vocab_tile=37), ref,
-                                   rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(
+            fused_linear_cross_entropy(h, w, targets, smoothing, vocab_tile=37), ref, rtol=1e-12, atol=1e-10
+        )
 
 
 def test_loss_head_equals_the_models_own_loss():

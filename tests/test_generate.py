@@ -11,14 +11,22 @@ from reference import hf_twin, random_model, tiny_config
 
 
 def hf_greedy(hf, ids, n, attention_mask=None):
-    out = hf.generate(ids, attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
-                      max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[:, ids.shape[1]:]
+    out = hf.generate(
+        ids,
+        attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[:, ids.shape[1] :]
 
 
-@pytest.mark.parametrize("config", [tiny_config(),
-                                    replace(PRESETS["qwen2.5-0.5b"], num_hidden_layers=2, vocab_size=2048)],
-                         ids=["tiny", "0.5b-shapes"])
+@pytest.mark.parametrize(
+    "config",
+    [tiny_config(), replace(PRESETS["qwen2.5-0.5b"], num_hidden_layers=2, vocab_size=2048)],
+    ids=["tiny", "0.5b-shapes"],
+)
 def test_greedy_equals_transformers(config):
     model = random_model(config)
     hf = hf_twin(model)
@@ -36,11 +44,11 @@ def test_batched_greedy_equals_unbatched():
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+        ids[i, T - len(r) :], mask[i, T - len(r) :] = r, 1
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=[])
     for i, r in enumerate(rows):
         alone = model.generate(r[None], max_new_tokens=8, do_sample=False, eos_token_id=[])
-        assert torch.equal(batched[i, T:], alone[0, len(r):])
+        assert torch.equal(batched[i, T:], alone[0, len(r) :])
 
 
 def test_stops_on_every_eos_id_and_pads_finished_rows():
@@ -117,5 +125,5 @@ def test_greedy_picks_what_argmax_picks(monkeypatch, dtype, vocab, native):
     logits[4, vocab - 1] = float("nan")
     assert torch.equal(greedy(logits), logits.float().argmax(-1))
     for row in range(5):  # one row alone, and a row of -inf
-        assert torch.equal(greedy(logits[row:row + 1]), logits[row:row + 1].float().argmax(-1))
+        assert torch.equal(greedy(logits[row : row + 1]), logits[row : row + 1].float().argmax(-1))
     assert greedy(torch.full((1, vocab), float("-inf"), dtype=dtype)).tolist() == [0]

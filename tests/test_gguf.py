@@ -52,8 +52,16 @@ def tiny_vocab(size: int = 512) -> dict:
     tokens += [f"[PAD{i}]" for i in range(len(tokens), size)]
     types += [UNUSED] * (size - len(types))
     ids = {t: i for i, t in enumerate(tokens)}
-    return dict(tokens=tokens, types=types, merges=["Ġ t", "h e", "Ġt he"], pre="qwen2", bos=ids["<|endoftext|>"],
-                eos=ids["<|im_end|>"], pad=ids["<|endoftext|>"], template=CHATML)
+    return dict(
+        tokens=tokens,
+        types=types,
+        merges=["Ġ t", "h e", "Ġt he"],
+        pre="qwen2",
+        bos=ids["<|endoftext|>"],
+        eos=ids["<|im_end|>"],
+        pad=ids["<|endoftext|>"],
+        template=CHATML,
+    )
 
 
 def qwen_vocab(saved_tokenizer_dir: Path, size: int = 151936) -> dict:
@@ -70,11 +78,21 @@ def qwen_vocab(saved_tokenizer_dir: Path, size: int = 151936) -> dict:
         types[added["id"]] = CONTROL if added["special"] or looks_special else USER_DEFINED
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return dict(tokens=tokens, types=[types.get(i, UNUSED) for i in range(size)], merges=merges, pre="qwen2",
-                bos=151643, eos=151645, pad=151643, template=config["chat_template"])
+    return dict(
+        tokens=tokens,
+        types=[types.get(i, UNUSED) for i in range(size)],
+        merges=merges,
+        pre="qwen2",
+        bos=151643,
+        eos=151645,
+        pad=151643,
+        template=config["chat_template"],
+    )
 
 
-def write_gguf(path: Path, model, vocab: dict, qtype=Q.F32, raw: dict | None = None, split_max_tensors: int = 0) -> Path:
+def write_gguf(
+    path: Path, model, vocab: dict, qtype=Q.F32, raw: dict | None = None, split_max_tensors: int = 0
+) -> Path:
     """Write `model` (a qwenkit model, arch from its config) as llama.cpp would, 2-D weights in `qtype`.
 
     Args:
@@ -107,8 +125,9 @@ def write_gguf(path: Path, model, vocab: dict, qtype=Q.F32, raw: dict | None = N
     w.add_add_bos_token(False)
     w.add_chat_template(vocab["template"])
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     c.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, c.num_hidden_layers
+    )
     for hf_name, p in model.named_parameters():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
@@ -236,8 +255,9 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(qwen_files, tok_qwen):
     assert (ours.eos_token, ours.pad_token) == ("<|im_end|>", "<|endoftext|>")
     assert "<tool_call>" not in ours.all_special_tokens and "<|im_end|>" in ours.all_special_tokens
     messages = [{"role": "user", "content": "Hi"}]
-    assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == tok_qwen.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    ) == tok_qwen.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # Qwen2's own tokenizer normalizes to NFC; transformers' GGUF loader leaves that out, so text
     # in decomposed form is where the two differ, and the original tokenizer is the reference.
     decomposed = "cafe\u0301 n\u0303"
@@ -270,7 +290,9 @@ def test_gguf_reads_like_transformers_gguf_loader(tmp_path, arch):
     if arch == "llama":
         assert saved["attention_bias"] is False and saved["rms_norm_eps"] == 1e-5
         # The file's q rows really are permuted: read as stored, they would differ.
-        stored = torch.from_numpy(llamacpp_permute(model.model.layers[0].self_attn.q_proj.weight.detach().numpy(), 4, 4))
+        stored = torch.from_numpy(
+            llamacpp_permute(model.model.layers[0].self_attn.q_proj.weight.detach().numpy(), 4, 4)
+        )
         assert not torch.equal(stored, imported.model.layers[0].self_attn.q_proj.weight)
 
 
@@ -301,8 +323,9 @@ def test_each_tensor_type_dequantizes_like_transformers(tmp_path, qtype):
     from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
 
     # Rows of 256 values, so that K-quant super-blocks fit.
-    config = tiny_config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2)
+    config = tiny_config(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+    )
     model = random_model(config, seed=7)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 1)
     rng = np.random.default_rng(0)
@@ -315,8 +338,9 @@ def test_each_tensor_type_dequantizes_like_transformers(tmp_path, qtype):
         if qtype in QUANTIZED:
             # Random blocks; bytes below 0x40 keep every fp16 scale finite (exponent < 31).
             block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-            blob = rng.integers(0, 0x40, size=(values.shape[0], values.shape[1] // block_elems * block_bytes),
-                                dtype=np.uint8)
+            blob = rng.integers(
+                0, 0x40, size=(values.shape[0], values.shape[1] // block_elems * block_bytes), dtype=np.uint8
+            )
             want = hf_dequantize(torch.from_numpy(blob.reshape(-1)), int(qtype)).reshape(values.shape)
         elif qtype == Q.F32:
             blob, want = values, torch.from_numpy(values)

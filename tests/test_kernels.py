@@ -33,7 +33,7 @@ def test_gemv_equals_linear(dtype, rows, out_features, in_features, bias):
     expected = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.dtype == dtype and y.shape == (rows, out_features)
     # fp32: summation order only; bf16: one rounding of the fp32 sum, as PyTorch's bf16 matmul.
-    tol = 1e-5 * in_features ** 0.5 if dtype == torch.float32 else 2 ** -7
+    tol = 1e-5 * in_features**0.5 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
 
 
@@ -178,7 +178,7 @@ def test_rms_norm_equals_the_pytorch_norm(dtype, dim):
     else:  # the same roundings; only a last-bit difference in the fp32 statistics can flip one
         differ = native != reference
         assert differ.float().mean() < 0.01
-        torch.testing.assert_close(native[differ].float(), reference[differ].float(), rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(native[differ].float(), reference[differ].float(), rtol=2**-7, atol=0)
     with torch.no_grad():
         assert torch.equal(norm(x), native)  # inference goes through the kernel
 
@@ -206,8 +206,9 @@ def test_the_whole_stack_in_one_call_equals_the_other_paths(monkeypatch, dtype, 
 
     from reference import random_model, tiny_config
 
-    config = replace(tiny_config(), hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=72)  # 72: SwiGLU's sixteen-column blocks end partial
+    config = replace(
+        tiny_config(), hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2, intermediate_size=72
+    )  # 72: SwiGLU's sixteen-column blocks end partial
     model = random_model(config).to(dtype)
     ids, mask = _padded_batch()
     calls = _count_stack_calls(monkeypatch)
@@ -235,7 +236,7 @@ def test_the_stack_decodes_batched_rows_as_rows_alone_bit_for_bit(dtype):
     ids = torch.randint(0, 512, (3, 1), generator=torch.Generator().manual_seed(5))
     batched, _ = _decode(model, ids, None, 6, dtype)
     for r in range(3):
-        alone, _ = _decode(model, ids[r:r + 1], None, 6, dtype)
+        alone, _ = _decode(model, ids[r : r + 1], None, 6, dtype)
         assert torch.equal(alone[0], batched[r])
 
 
@@ -324,9 +325,9 @@ def test_gemv_int8_equals_the_dequantized_product(rows, in_features):
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     if in_features % 16 == 0:  # torch's kernel takes no other widths (see Int8Linear.forward)
         torch_kernel = torch._weight_int8pack_mm(x, layer.weight_int8, layer.scale)  # bf16 out
-        torch.testing.assert_close(y.to(torch.bfloat16), torch_kernel, rtol=2 ** -7, atol=1e-3)
+        torch.testing.assert_close(y.to(torch.bfloat16), torch_kernel, rtol=2**-7, atol=1e-3)
     for r in range(rows):  # rows alone equal the batch, bit for bit
-        assert torch.equal(kernels.gemv_int8(x[r:r + 1], layer.weight_int8, layer.scale), y[r:r + 1])
+        assert torch.equal(kernels.gemv_int8(x[r : r + 1], layer.weight_int8, layer.scale), y[r : r + 1])
 
 
 def test_int8_layers_decode_through_the_kernel(monkeypatch):
@@ -342,7 +343,7 @@ def test_int8_layers_decode_through_the_kernel(monkeypatch):
         monkeypatch.setattr(kernels, "gemv_int8", lambda *a: None)
         reference = layer(x)  # torch's int8 kernel
     assert calls == [1] and native.shape == (2, 1, 64)
-    torch.testing.assert_close(native, reference, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(native, reference, rtol=2**-7, atol=1e-2)
 
 
 def test_int8_layers_of_any_width_run_in_every_path():

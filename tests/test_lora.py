@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from qwenkit.checkpoint import load_model
-from qwenkit.lora import (ALL_LINEAR, AdapterError, LoRALinear, apply_lora, load_adapter, lora_state_dict,
-                          merge_checkpoint, merge_lora, save_model_adapter)
+from qwenkit.lora import (
+    ALL_LINEAR,
+    AdapterError,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_state_dict,
+    merge_checkpoint,
+    merge_lora,
+    save_model_adapter,
+)
 from reference import random_model, tiny_config
 
 IDS = torch.tensor([[5, 17, 301, 42, 7, 99, 3, 250, 11, 400, 8, 1]])
@@ -94,8 +103,11 @@ def test_adapter_gradients_equal_pefts(tmp_path):
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True).train()
     model(IDS, labels=IDS).loss.backward()
     peft_model(input_ids=IDS, labels=IDS).loss.backward()
-    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-              for n, p in peft_model.named_parameters() if p.requires_grad}
+    theirs = {
+        n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
     ours = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert ours.keys() == theirs.keys() and len(ours) == 2 * len(ALL_LINEAR) * model.config.num_hidden_layers
     for name, grad in ours.items():
@@ -136,8 +148,12 @@ def test_adapter_saved_by_peft_loads_into_qwenkit(tmp_path):
 
     base = random_model(tiny_config())
     hf = hf_twin(random_model(tiny_config()))
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"],
-                                               use_rslora=True, init_lora_weights=False))
+    peft_model = get_peft_model(
+        hf,
+        LoraConfig(
+            r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"], use_rslora=True, init_lora_weights=False
+        ),
+    )
     peft_model.save_pretrained(tmp_path / "peft-adapter")
     load_adapter(base, tmp_path / "peft-adapter")
     with torch.no_grad():

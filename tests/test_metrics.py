@@ -17,6 +17,7 @@ from qwenkit.tasks import metrics
 
 # ---- SQuAD v1.1 official evaluation script (https://rajpurkar.github.io/SQuAD-explorer/) ---------------
 
+
 def official_normalize_answer(s):
     def remove_articles(text):
         return re.sub(r"\b(a|an|the)\b", " ", text)
@@ -74,18 +75,26 @@ SQUAD_CASES = [
 def test_squad_em_f1_match_the_official_script(prediction, answers):
     assert metrics.normalize_answer(prediction) == official_normalize_answer(prediction)
     assert metrics.exact_match(prediction, answers) == float(
-        official_metric_max_over_ground_truths(official_exact_match_score, prediction, answers))
+        official_metric_max_over_ground_truths(official_exact_match_score, prediction, answers)
+    )
     assert metrics.token_f1(prediction, answers) == pytest.approx(
-        official_metric_max_over_ground_truths(official_f1_score, prediction, answers))
+        official_metric_max_over_ground_truths(official_f1_score, prediction, answers)
+    )
 
 
 def test_squad_corpus_score_is_the_official_mean_in_percent():
     preds = [p for p, _ in SQUAD_CASES]
     golds = [a for _, a in SQUAD_CASES]
-    em = 100.0 * sum(official_metric_max_over_ground_truths(official_exact_match_score, p, a)
-                     for p, a in SQUAD_CASES) / len(SQUAD_CASES)
-    f1 = 100.0 * sum(official_metric_max_over_ground_truths(official_f1_score, p, a)
-                     for p, a in SQUAD_CASES) / len(SQUAD_CASES)
+    em = (
+        100.0
+        * sum(official_metric_max_over_ground_truths(official_exact_match_score, p, a) for p, a in SQUAD_CASES)
+        / len(SQUAD_CASES)
+    )
+    f1 = (
+        100.0
+        * sum(official_metric_max_over_ground_truths(official_f1_score, p, a) for p, a in SQUAD_CASES)
+        / len(SQUAD_CASES)
+    )
     result = metrics.squad(preds, golds)
     assert result["exact_match"] == pytest.approx(em) and result["f1"] == pytest.approx(f1)
     assert 0 < result["exact_match"] < result["f1"] < 100  # the cases are mixed on purpose
@@ -100,12 +109,24 @@ def test_squad_perfect_and_empty():
 
 # ---- sacreBLEU ------------------------------------------------------------------------------------------
 
-HYPS = ["The cat sat on the mat all day long.", "He read the whole book in one evening.",
-        "It is raining today, so we stay at home.", "Where is the train station?"]
-REFS = ["The cat sat on the mat all day.", "He read the entire book in a single evening.",
-        "It is raining today, so we will stay home.", "Where is the nearest train station?"]
-REFS2 = ["A cat was sitting on the mat all day long.", "He finished the book in one evening.",
-         "Today it rains, so we stay at home.", "Where's the railway station?"]
+HYPS = [
+    "The cat sat on the mat all day long.",
+    "He read the whole book in one evening.",
+    "It is raining today, so we stay at home.",
+    "Where is the train station?",
+]
+REFS = [
+    "The cat sat on the mat all day.",
+    "He read the entire book in a single evening.",
+    "It is raining today, so we will stay home.",
+    "Where is the nearest train station?",
+]
+REFS2 = [
+    "A cat was sitting on the mat all day long.",
+    "He finished the book in one evening.",
+    "Today it rains, so we stay at home.",
+    "Where's the railway station?",
+]
 
 
 def test_bleu_and_chrf_are_sacrebleus_own_numbers():
@@ -140,6 +161,7 @@ def test_bleu_and_chrf_perfect_and_empty():
 
 # ---- pass@k -----------------------------------------------------------------------------------------------
 
+
 def test_pass_at_k_is_the_combinatorial_definition():
     # pass@k = P(at least one of k samples, drawn without replacement from the n, is correct)
     for n in range(1, 13):
@@ -168,6 +190,7 @@ def test_mean_pass_at_k_reports_only_ks_every_problem_has_samples_for():
 
 # ---- classification ---------------------------------------------------------------------------------------
 
+
 def test_accuracy_macro_f1_confusion_matrix_by_hand():
     gold = ["pos", "pos", "pos", "neg", "neg", "neu"]
     pred = ["pos", "neg", "pos", "neg", "pos", "neg"]
@@ -190,6 +213,7 @@ def test_classification_perfect_and_empty():
 
 
 # ---- open-ended generation ----------------------------------------------------------------------------------
+
 
 def test_perplexity_is_exp_of_the_token_mean_cross_entropy():
     gen = torch.Generator().manual_seed(0)

@@ -50,7 +50,7 @@ def test_left_padded_batch_is_exact():
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, T - len(row):], mask[i, T - len(row):] = row, 1
+        ids[i, T - len(row) :], mask[i, T - len(row) :] = row, 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate passes
     with torch.no_grad():
         ours = model(ids, attention_mask=mask).logits
@@ -75,8 +75,9 @@ def test_right_padded_batch_is_exact():
 
 
 def test_yarn_rope_scaling_matches_transformers():
-    config = tiny_config(rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32768),
-                         max_position_embeddings=131072)
+    config = tiny_config(
+        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32768), max_position_embeddings=131072
+    )
     model = random_model(config)
     hf = hf_twin(model)
     assert model.model.rotary_emb.mscale == pytest.approx(hf.model.rotary_emb.attention_scaling)
@@ -106,8 +107,9 @@ def test_loss_matches_transformers_with_ignored_labels():
 
 
 def test_llama_architecture_matches_transformers():
-    config = tiny_config(model_type="llama", attention_bias=False, tie_word_embeddings=False,
-                         rope_theta=10000.0, rms_norm_eps=1e-5)
+    config = tiny_config(
+        model_type="llama", attention_bias=False, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5
+    )
     model = random_model(config)
     assert model.model.layers[0].self_attn.q_proj.bias is None
     hf = hf_twin(model)
@@ -137,7 +139,7 @@ def test_cached_decoding_equals_full_forward():
         full = model(ids).logits
         steps = [model(ids[:, :8], cache=cache).logits]
         for t in range(8, 12):
-            steps.append(model(ids[:, t:t + 1], cache=cache).logits)
+            steps.append(model(ids[:, t : t + 1], cache=cache).logits)
     assert max_diff(torch.cat(steps, dim=1), full) <= TOL
     assert cache.lengths.tolist() == [12, 12]
 
@@ -152,11 +154,13 @@ def test_meta_construction_allocates_nothing():
 def test_building_on_the_meta_device_imports_no_compiler():
     # nn.Embedding's default init on the meta device runs in Python and imports torch._dynamo,
     # torch._inductor and sympy (~830 modules, 73 MiB of a load's memory); the model skips it.
-    code = ("import sys, torch, qwenkit\n"
-            "assert 'torch._dynamo' not in sys.modules\n"
-            "with torch.device('meta'):\n"
-            "    qwenkit.QwenForCausalLM(qwenkit.PRESETS['qwen2.5-0.5b'])\n"
-            "print('torch._dynamo' in sys.modules)")
+    code = (
+        "import sys, torch, qwenkit\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "with torch.device('meta'):\n"
+        "    qwenkit.QwenForCausalLM(qwenkit.PRESETS['qwen2.5-0.5b'])\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -202,7 +206,7 @@ def test_cache_rows_join_and_leave_independently():
         assert cache.lengths.tolist() == [7, 0]
         got_b = [model(b[:, :4], cache=cache.rows(1, 2)).logits[0, -1]]  # joins while row 0 is mid-way
         for t in range(2):
-            out = model(torch.stack([a[0, 7 + t:8 + t], b[0, 4 + t:5 + t]]), cache=cache).logits
+            out = model(torch.stack([a[0, 7 + t : 8 + t], b[0, 4 + t : 5 + t]]), cache=cache).logits
             got_a.append(out[0, -1])
             got_b.append(out[1, -1])
         assert cache.lengths.tolist() == [9, 6]

@@ -30,8 +30,7 @@ def test_quantized_model_stays_close_and_shrinks():
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     assert isinstance(q.lm_head, Int8Linear)  # tied: the head gets its own int8 matrix
     float_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    int8_bytes = sum(m.weight_int8.numel() for m in q.modules() if isinstance(m, Int8Linear)
-                     if m is not q.lm_head)
+    int8_bytes = sum(m.weight_int8.numel() for m in q.modules() if isinstance(m, Int8Linear) if m is not q.lm_head)
     assert int8_bytes * 4 == float_bytes
     ids = torch.randint(0, 5000, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -45,9 +45,11 @@ def test_correct_solution_passes_and_wrong_one_fails():
 
 def test_fresh_folder_and_empty_environment():
     # LC_CTYPE is Python's own locale coercion (PEP 538) in the child, not something inherited.
-    result = sandbox.run_python("import os\nprint(os.listdir('.'))\n"
-                                "print(sorted(k for k in os.environ if k != 'LC_CTYPE'))\n"
-                                "open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\n")
+    result = sandbox.run_python(
+        "import os\nprint(os.listdir('.'))\n"
+        "print(sorted(k for k in os.environ if k != 'LC_CTYPE'))\n"
+        "open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\n"
+    )
     assert result.passed, result.stderr
     assert result.stdout.splitlines() == ["['main.py']", "[]", "ok"]
     assert not os.path.exists(result.workdir)  # removed afterwards
@@ -69,19 +71,22 @@ def test_fork_bomb_is_contained():
 
 
 def test_memory_bomb_hits_the_limit():
-    result = sandbox.run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n",
-                                timeout=20.0, memory_mb=512)
+    result = sandbox.run_python(
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n", timeout=20.0, memory_mb=512
+    )
     assert result.status == "memory" and not result.passed
     assert "memory limit" in result.summary()
 
 
 def test_writing_outside_the_folder_is_refused(tmp_path):
     target = tmp_path / "escaped.txt"
-    code = (f"import os, pathlib\ntarget = {str(target)!r}\nerrors = []\n"
-            "for attempt in (lambda: open(target, 'w').write('x'), lambda: pathlib.Path(target).write_text('x'),\n"
-            "                lambda: os.system('touch ' + target), lambda: open('../escaped', 'w').write('x')):\n"
-            "    try:\n        attempt()\n    except Exception as e:\n        errors.append(type(e).__name__)\n"
-            "print(errors)\nassert len(errors) == 4\n")
+    code = (
+        f"import os, pathlib\ntarget = {str(target)!r}\nerrors = []\n"
+        "for attempt in (lambda: open(target, 'w').write('x'), lambda: pathlib.Path(target).write_text('x'),\n"
+        "                lambda: os.system('touch ' + target), lambda: open('../escaped', 'w').write('x')):\n"
+        "    try:\n        attempt()\n    except Exception as e:\n        errors.append(type(e).__name__)\n"
+        "print(errors)\nassert len(errors) == 4\n"
+    )
     result = sandbox.run_python(code)
     assert result.passed, result.stderr  # every attempt raised inside the program
     assert not target.exists() and not (tmp_path / "escaped").exists()
@@ -93,10 +98,12 @@ def test_writing_outside_the_folder_is_refused(tmp_path):
 def test_the_parents_environment_is_out_of_reach(monkeypatch):
     secret = f"s3cret-{os.getpid()}-{time.time_ns()}"
     monkeypatch.setenv("QWENKIT_TEST_SECRET", secret)
-    code = ("import os, glob\nprint(dict(os.environ))\n"
-            f"for path in glob.glob('/proc/*/environ') + ['/proc/{os.getpid()}/environ']:\n"
-            "    try:\n        print(path, open(path, 'rb').read())\n    except OSError as e:\n        print(path, e)\n"
-            "print('done')\n")
+    code = (
+        "import os, glob\nprint(dict(os.environ))\n"
+        f"for path in glob.glob('/proc/*/environ') + ['/proc/{os.getpid()}/environ']:\n"
+        "    try:\n        print(path, open(path, 'rb').read())\n    except OSError as e:\n        print(path, e)\n"
+        "print('done')\n"
+    )
     result = sandbox.run_python(code)
     assert result.passed and result.stdout.rstrip().endswith("done"), result.stderr
     assert secret not in result.stdout and secret not in result.stderr
@@ -119,8 +126,9 @@ def test_endless_output_is_bounded():
 
 # ---- the operating-system layer alone (the Python audit hook off) ------------------------------------
 
-namespaces = pytest.mark.skipif(not sandbox.namespaces_available(),
-                                reason="this machine does not allow unprivileged user namespaces")
+namespaces = pytest.mark.skipif(
+    not sandbox.namespaces_available(), reason="this machine does not allow unprivileged user namespaces"
+)
 
 
 @namespaces
@@ -130,9 +138,12 @@ def test_os_layer_makes_the_filesystem_read_only(tmp_path):
     assert result.status == "failed" and "Read-only file system" in result.error
     assert not target.exists()
     # and the code cannot undo it: no capabilities are left to remount with
-    remount = sandbox.run_python("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                                 "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0\n"
-                                 "assert libc.umount2(b'/dev', 2) != 0\n", guards=False)
+    remount = sandbox.run_python(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0\n"
+        "assert libc.umount2(b'/dev', 2) != 0\n",
+        guards=False,
+    )
     assert remount.passed, remount.stderr
 
 
@@ -146,9 +157,11 @@ def test_os_layer_has_no_network():
 def test_os_layer_hides_the_host_processes(monkeypatch):
     secret = f"s3cret-{time.time_ns()}"
     monkeypatch.setenv("QWENKIT_TEST_SECRET", secret)
-    code = ("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
-            "for p in os.listdir('/proc'):\n    if p.isdigit():\n"
-            "        print(open(f'/proc/{p}/environ', 'rb').read())\n")
+    code = (
+        "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+        "for p in os.listdir('/proc'):\n    if p.isdigit():\n"
+        "        print(open(f'/proc/{p}/environ', 'rb').read())\n"
+    )
     result = sandbox.run_python(code, guards=False)
     assert result.passed, result.stderr
     assert result.stdout.splitlines()[0] == "[1]"  # only itself, pid 1 of its own namespace

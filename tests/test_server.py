@@ -35,9 +35,14 @@ from reference import random_model, tiny_config
 KEY = "test-key"
 MODEL = "tiny"
 ERROR_KEYS = {"message", "type", "param", "code"}
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 # What the scripted model says after a chat prompt (which ends "assistant\n"), after "Say:", and
 # after a call opened for it by a named tool_choice (which ends '"arguments": ').
 TOOL_REPLY = 'Let me check.<tool_call>{"name":"get_weather","arguments":{"city": "Paris"}}</tool_call><|im_end|>'
@@ -97,8 +102,14 @@ def scripted_dir(tmp_path_factory, tok_qwen):
 
 
 @contextmanager
-def running(model_dir, api_key: str | None = KEY, max_batch: int = 8, max_queue: int = 32,
-            max_model_len: int = 512, max_body_bytes: int = 256 * 1024):
+def running(
+    model_dir,
+    api_key: str | None = KEY,
+    max_batch: int = 8,
+    max_queue: int = 32,
+    max_model_len: int = 512,
+    max_body_bytes: int = 256 * 1024,
+):
     """A real uvicorn server on 127.0.0.1, port chosen by the OS, in a thread of this process (so
     that the test can look at its engine)."""
     model, tok = qwenkit.load_model(model_dir), qwenkit.load_tokenizer(model_dir)
@@ -114,9 +125,13 @@ def running(model_dir, api_key: str | None = KEY, max_batch: int = 8, max_queue:
     port = server.servers[0].sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     try:
-        yield SimpleNamespace(url=url, engine=engine, model=model, tok=tok,
-                              client=openai.OpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0,
-                                                   timeout=60))
+        yield SimpleNamespace(
+            url=url,
+            engine=engine,
+            model=model,
+            tok=tok,
+            client=openai.OpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=60),
+        )
     finally:
         server.should_exit = True
         thread.join(timeout=15)
@@ -140,11 +155,12 @@ def chat_ids(tok, messages, tools=None) -> list[int]:
 
 def generate_text(s, ids: list[int], **kwargs) -> tuple[str, int]:
     """The reference: `model.generate` on the prompt alone; (text, number of new tokens)."""
-    new = s.model.generate(torch.tensor([ids]), **kwargs)[0, len(ids):]
+    new = s.model.generate(torch.tensor([ids]), **kwargs)[0, len(ids) :]
     return s.tok.decode(new, skip_special_tokens=True), len(new)
 
 
 # ---- the API, whole and streamed -------------------------------------------------------------------
+
 
 def test_models_and_health(srv):
     assert [m.id for m in srv.client.models.list().data] == [MODEL]
@@ -154,8 +170,10 @@ def test_models_and_health(srv):
 
 
 def test_chat_greedy_equals_generate(srv):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     r = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
     ids = chat_ids(srv.tok, messages)
     text, n_new = generate_text(srv, ids, max_new_tokens=20, do_sample=False)
@@ -170,8 +188,16 @@ def test_chat_greedy_equals_generate(srv):
 def test_chat_stream_equals_whole(srv):
     messages = [{"role": "user", "content": "Tell me a story."}]
     whole = srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
-    chunks = list(srv.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        srv.client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -182,8 +208,9 @@ def test_chat_stream_equals_whole(srv):
 
 def test_stream_is_server_sent_events_ending_with_done(srv):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST", srv.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)
@@ -203,8 +230,9 @@ def test_seeded_sampling_equals_generate(srv):
 
 
 def test_n_choices(srv):
-    r = srv.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
-                                           n=3, temperature=1.0, seed=1)
+    r = srv.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, n=3, temperature=1.0, seed=1
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert len({c.message.content for c in r.choices}) > 1  # seed + i per choice: they differ
     assert r.usage.completion_tokens == 3 * 8
@@ -216,8 +244,9 @@ def test_completion_greedy_equals_generate(srv):
     assert r.object == "text_completion" and r.choices[0].text == text
     assert r.usage.completion_tokens == n_new
     # Several prompts, n each: prompt-major indexes, each prompt as if alone; token-id prompts too.
-    many = srv.client.completions.create(model=MODEL, prompt=["The quick brown fox", "Once upon a time"],
-                                         max_tokens=12, temperature=0, n=2)
+    many = srv.client.completions.create(
+        model=MODEL, prompt=["The quick brown fox", "Once upon a time"], max_tokens=12, temperature=0, n=2
+    )
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert [c.text for c in many.choices][2:] == [text, text]
     ids = srv.tok.encode("The quick brown fox")
@@ -225,8 +254,9 @@ def test_completion_greedy_equals_generate(srv):
     assert many.choices[0].text == many.choices[1].text == alone
     by_ids = srv.client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
     assert by_ids.choices[0].text == many.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
-    streamed = srv.client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
-                                             stream=True)
+    streamed = srv.client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == text
 
 
@@ -238,8 +268,11 @@ def test_concurrent_requests_each_equal_generate(srv):
     out = [None] * len(prompts)
 
     def ask(i):
-        out[i] = srv.client.chat.completions.create(model=MODEL, messages=prompts[i], max_tokens=lengths[i],
-                                                    temperature=0).choices[0].message.content
+        out[i] = (
+            srv.client.chat.completions.create(model=MODEL, messages=prompts[i], max_tokens=lengths[i], temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -253,6 +286,7 @@ def test_concurrent_requests_each_equal_generate(srv):
 
 # ---- tool calls and stop strings (the scripted model) ------------------------------------------------
 
+
 def test_tool_call_end_to_end(scripted):
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     r = scripted.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=40)
@@ -265,28 +299,52 @@ def test_tool_call_end_to_end(scripted):
     # The tools reached the prompt in the template's own format.
     assert r.usage.prompt_tokens == len(chat_ids(scripted.tok, messages, tools=[WEATHER_TOOL]))
 
-    chunks = list(scripted.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
-                                                          max_tokens=40, stream=True))
+    chunks = list(
+        scripted.client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=40, stream=True
+        )
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
     calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
     assert content == "Let me check." and "<tool" not in content
     assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-        (0, "get_weather", {"city": "Paris"})]
+        (0, "get_weather", {"city": "Paris"})
+    ]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     # The call goes back as an assistant turn with its result: the template renders both.
-    follow = messages + [choice.message.model_dump(exclude_none=True),
-                         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]
+    follow = messages + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'},
+    ]
     again = scripted.client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER_TOOL], max_tokens=40)
-    assert again.usage.prompt_tokens == len(chat_ids(scripted.tok, [
-        messages[0], {"role": "assistant", "content": "Let me check.", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-        {"role": "tool", "content": '{"temp_c": 21}'}], tools=[WEATHER_TOOL]))
+    assert again.usage.prompt_tokens == len(
+        chat_ids(
+            scripted.tok,
+            [
+                messages[0],
+                {
+                    "role": "assistant",
+                    "content": "Let me check.",
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+                    ],
+                },
+                {"role": "tool", "content": '{"temp_c": 21}'},
+            ],
+            tools=[WEATHER_TOOL],
+        )
+    )
 
 
 def test_tool_choice_none_leaves_text(scripted):
-    r = scripted.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                                tools=[WEATHER_TOOL], tool_choice="none", max_tokens=40)
+    r = scripted.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        max_tokens=40,
+    )
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
     assert r.choices[0].message.content == TOOL_REPLY.removesuffix("<|im_end|>")
 
@@ -296,15 +354,19 @@ def test_named_tool_choice_opens_the_call(scripted):
     arguments (here the scripted `{}`), and the server parses the whole call."""
     choice = {"type": "function", "function": {"name": "get_weather"}}
     messages = [{"role": "user", "content": "hi"}]
-    r = scripted.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
-                                                tool_choice=choice, max_tokens=10)
+    r = scripted.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice=choice, max_tokens=10
+    )
     [call] = r.choices[0].message.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {})
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
     opened = '<tool_call>\n{"name": "get_weather", "arguments": '
     assert r.usage.prompt_tokens == len(chat_ids(scripted.tok, messages, [WEATHER_TOOL]) + scripted.tok.encode(opened))
-    chunks = list(scripted.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
-                                                          tool_choice=choice, max_tokens=10, stream=True))
+    chunks = list(
+        scripted.client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice=choice, max_tokens=10, stream=True
+        )
+    )
     calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
     assert [tc.function.name for tc in calls] == ["get_weather"] and chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -321,23 +383,32 @@ def test_stop_strings_and_length(scripted):
     assert (across.text, across.finish_reason) == ("Hello th", "stop")
     short = ask(max_tokens=3)
     assert (short.text, short.finish_reason) == ("Hello there,", "length")
-    streamed = scripted.client.completions.create(model=MODEL, prompt="Say:", max_tokens=20, stop="ere, gen",
-                                                  stream=True)
+    streamed = scripted.client.completions.create(
+        model=MODEL, prompt="Say:", max_tokens=20, stop="ere, gen", stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == "Hello th"
 
 
 def test_tool_call_parser():
-    content, calls = parse_tool_calls('Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
-                                      '<tool_call>\n{"name": "g", "arguments": "{\\"y\\": 2}"}\n</tool_call>')
+    content, calls = parse_tool_calls(
+        'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "g", "arguments": "{\\"y\\": 2}"}\n</tool_call>'
+    )
     assert content == "Sure."
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("f", {"x": 1}),
-                                                                                                  ("g", {"y": 2})]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("f", {"x": 1}),
+        ("g", {"y": 2}),
+    ]
     assert len({c["id"] for c in calls}) == 2
     # An unclosed last call (the model stopped on its end-of-turn token) still parses.
     assert parse_tool_calls('<tool_call>{"name": "f", "arguments": {}}')[1][0]["function"]["arguments"] == "{}"
     # Anything that is not a whole call stays text: nothing is half-executed.
-    for text in ["no call here", '<tool_call>{"name": "f", "argu', '<tool_call>{"arguments": {}}</tool_call>',
-                 '<tool_call>{"name": "f"}</tool_call><tool_call>[1]</tool_call>']:
+    for text in [
+        "no call here",
+        '<tool_call>{"name": "f", "argu',
+        '<tool_call>{"arguments": {}}</tool_call>',
+        '<tool_call>{"name": "f"}</tool_call><tool_call>[1]</tool_call>',
+    ]:
         assert parse_tool_calls(text) == (text, [])
 
 
@@ -355,6 +426,7 @@ def test_streamed_tool_call_is_held_back_across_deltas():
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
+
 
 def raw_post(s, path: str, content: bytes, key: str | None = KEY) -> httpx.Response:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
@@ -384,8 +456,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(srv):
         (dict(messages=user, temperature=-0.1), "temperature"),
         (dict(messages=user, n=0), "n"),
         (dict(messages=user, logprobs=True), "logprobs"),  # refused, not silently dropped
-        (dict(messages=user, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "nope"}}),
-         "tool_choice"),
+        (
+            dict(messages=user, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "nope"}}),
+            "tool_choice",
+        ),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -451,6 +525,7 @@ def test_full_queue_answers_429(random_dir):
 
 # ---- load, and clients that go away --------------------------------------------------------------------
 
+
 def test_32_concurrent_streams_complete(srv):
     """32 streaming clients at once on loopback, more than there are rows (8): all complete, and
     the engine decoded them together (far fewer steps than tokens)."""
@@ -459,8 +534,14 @@ def test_32_concurrent_streams_complete(srv):
 
     async def one(client, i):
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Client {i} says hello " * (1 + i % 4)}],
-            max_tokens=max_tokens, temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True})
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Client {i} says hello " * (1 + i % 4)}],
+            max_tokens=max_tokens,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, finish, usage = "", None, None
         async for chunk in stream:
             if chunk.choices:
@@ -489,8 +570,12 @@ def test_disconnected_clients_free_their_rows(srv):
     """Streams closed after a few chunks, and a whole answer whose client times out: each is
     cancelled (not run to its 480 tokens) and its row freed."""
     cancelled_before, tokens_before = srv.engine.stats["cancelled"], srv.engine.stats["tokens"]
-    streams = [srv.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"go {i}"}],
-                                                  max_tokens=480, stream=True) for i in range(6)]
+    streams = [
+        srv.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"go {i}"}], max_tokens=480, stream=True
+        )
+        for i in range(6)
+    ]
     for stream in streams:
         for _, _ in zip(range(3), stream):
             pass
@@ -514,7 +599,7 @@ def test_engine_without_http(random_dir):
         ids = tok.encode("Once upon a time")
         params = SamplingParams.from_model(model, max_new_tokens=10, do_sample=False)
         done = engine.generate(ids, params, timeout=60)
-        new = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):]
+        new = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids) :]
         assert done.token_ids == new.tolist() and done.text == tok.decode(new, skip_special_tokens=True)
         with pytest.raises(QueueFull):
             engine.submit([Request(ids, params) for _ in range(3)])
@@ -527,12 +612,15 @@ def test_engine_without_http(random_dir):
 
 # ---- the command -------------------------------------------------------------------------------------
 
+
 def test_serve_command_binds_loopback_and_serves(random_dir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    code = ("from qwenkit.server.commands import serve; "
-            f"serve(model={str(random_dir)!r}, port={port}, api_key='k', max_model_len=64, max_batch=2)")
+    code = (
+        "from qwenkit.server.commands import serve; "
+        f"serve(model={str(random_dir)!r}, port={port}, api_key='k', max_model_len=64, max_batch=2)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60

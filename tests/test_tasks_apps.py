@@ -37,8 +37,22 @@ def tiny(tiny_dir):
 
 
 def test_translate_the_house_is_wonderful(tiny_dir, capsys):
-    assert main(["translate", "The house is wonderful.", "--to", "fr", "--model", tiny_dir, "--max-new-tokens", "12",
-                 *SAMPLED]) == 0
+    assert (
+        main(
+            [
+                "translate",
+                "The house is wonderful.",
+                "--to",
+                "fr",
+                "--model",
+                tiny_dir,
+                "--max-new-tokens",
+                "12",
+                *SAMPLED,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "source language: English (detected)" in captured.err
     out = captured.out
@@ -57,8 +71,24 @@ def test_answer_what_is_the_capital_of_france(tiny_dir, capsys):
 def test_answer_from_documents_reports_sources(tiny_dir, tmp_path, capsys):
     (tmp_path / "france.txt").write_text("The capital of France is Paris.\n\nFrance is in Europe.")
     (tmp_path / "germany.txt").write_text("The capital of Germany is Berlin.")
-    assert main(["qa", "What is the capital of France?", "--model", tiny_dir, "--context", str(tmp_path),
-                 "--top-k", "2", "--max-new-tokens", "16", *SAMPLED]) == 0
+    assert (
+        main(
+            [
+                "qa",
+                "What is the capital of France?",
+                "--model",
+                tiny_dir,
+                "--context",
+                str(tmp_path),
+                "--top-k",
+                "2",
+                "--max-new-tokens",
+                "16",
+                *SAMPLED,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[0].strip()
     assert out[1] in ("Sources:", "Sources: none cited")
@@ -79,8 +109,21 @@ def test_classify_i_love_this_product(tiny_dir, capsys):
 def test_write_a_function_that_adds_two_numbers(tiny_dir, tmp_path, capsys):
     tests = tmp_path / "test_add.py"
     tests.write_text("assert add(2, 3) == 5\nassert add(-1, 1) == 0\n")
-    status = main(["code", "Generate a Python function to add two numbers", "--model", tiny_dir, "--test", str(tests),
-                   "--repair", "1", "--max-new-tokens", "24", *SAMPLED])
+    status = main(
+        [
+            "code",
+            "Generate a Python function to add two numbers",
+            "--model",
+            tiny_dir,
+            "--test",
+            str(tests),
+            "--repair",
+            "1",
+            "--max-new-tokens",
+            "24",
+            *SAMPLED,
+        ]
+    )
     err = capsys.readouterr().err
     assert status in (0, 1)
     attempts = [line for line in err.splitlines() if line.startswith("attempt ")]
@@ -131,8 +174,24 @@ def test_label_answer_is_what_the_template_renders(tok_qwen):
 def test_sentiment_file_in_batches(tiny_dir, tmp_path, capsys):
     rows = [{"id": i, "text": t} for i, t in enumerate(["Great!", "Awful.", "It is blue.", "Fine.", "Bad."])]
     (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["sentiment", "--input", str(tmp_path / "reviews.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-                 "--model", tiny_dir, "--batch-size", "2", "--labels", "good,bad"]) == 0
+    assert (
+        main(
+            [
+                "sentiment",
+                "--input",
+                str(tmp_path / "reviews.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+                "--model",
+                tiny_dir,
+                "--batch-size",
+                "2",
+                "--labels",
+                "good,bad",
+            ]
+        )
+        == 0
+    )
     assert "classifying" in capsys.readouterr().err  # the progress bar
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["id"] for r in out] == [0, 1, 2, 3, 4]
@@ -152,7 +211,7 @@ def test_reference_nll_equals_the_models_own_loss(tiny):
         p, a = answer_ids(tok, write.build_messages(prompt, style), ref)
         ids = torch.tensor([p + a])
         labels = ids.clone()
-        labels[0, :len(p)] = -100  # score the reference (and its end of turn) only
+        labels[0, : len(p)] = -100  # score the reference (and its end of turn) only
         with torch.no_grad():
             loss = model(ids, labels=labels).loss.item()  # mean over the len(a) scored tokens
         assert c == len(a) and n == pytest.approx(loss * len(a), rel=1e-4)
@@ -174,8 +233,18 @@ def test_long_input_is_split_into_sentences_and_batched(tiny, monkeypatch):
     text = "The weather was beautiful. We walked along the river.\n\nThen we had dinner. It was late!"
     params = sampling(model, 6, temperature=1.0, seed=0)
     out = translate.translate(model, tok, [text, "Short one."], "de", params, "en", batch_size=2)
-    assert calls == [(["The weather was beautiful.", "We walked along the river.", "Then we had dinner.",
-                       "It was late!", "Short one."], 2)]
+    assert calls == [
+        (
+            [
+                "The weather was beautiful.",
+                "We walked along the river.",
+                "Then we had dinner.",
+                "It was late!",
+                "Short one.",
+            ],
+            2,
+        )
+    ]
     assert len(out) == 2 and out[0].count("\n") == 2 and out[0].split("\n")[1] == ""  # the line layout is kept
     system = translate.build_messages("x", "German", "English")[0]["content"]
     assert "from English into German" in system and "translation only" in system
@@ -184,15 +253,37 @@ def test_long_input_is_split_into_sentences_and_batched(tiny, monkeypatch):
 # ---- eval --model -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task, keys", [
-    ("sentiment", {"accuracy", "macro_f1", "confusion_matrix"}), ("qa", {"exact_match", "f1"}),
-    ("translate", {"bleu", "chrf", "bleu_signature", "chrf_signature", "pairs"}), ("code", {"pass@1"}),
-    ("write", {"perplexity", "distinct_1", "distinct_2"}),
-])
+@pytest.mark.parametrize(
+    "task, keys",
+    [
+        ("sentiment", {"accuracy", "macro_f1", "confusion_matrix"}),
+        ("qa", {"exact_match", "f1"}),
+        ("translate", {"bleu", "chrf", "bleu_signature", "chrf_signature", "pairs"}),
+        ("code", {"pass@1"}),
+        ("write", {"perplexity", "distinct_1", "distinct_2"}),
+    ],
+)
 def test_eval_with_a_model_generates_then_scores(tiny_dir, tmp_path, task, keys, capsys):
     out = tmp_path / "eval"
-    assert main(["eval", task, "--model", tiny_dir, "--limit", "2", "--output", str(out), "--max-new-tokens", "8",
-                 "--seed", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                task,
+                "--model",
+                tiny_dir,
+                "--limit",
+                "2",
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert printed == metrics and keys <= set(metrics) and metrics["task"] == task
@@ -207,8 +298,23 @@ def test_eval_with_a_model_generates_then_scores(tiny_dir, tmp_path, task, keys,
 def test_eval_scores_given_predictions_with_the_model_for_perplexity(tiny_dir, tmp_path, capsys):
     preds = tmp_path / "pred.jsonl"
     preds.write_text('{"prediction": "the king was here"}\n{"prediction": "the rain went on"}\n')
-    assert main(["eval", "write", "--predictions", str(preds), "--model", tiny_dir, "--limit", "2",
-                 "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "write",
+                "--predictions",
+                str(preds),
+                "--model",
+                tiny_dir,
+                "--limit",
+                "2",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["distinct_1"] == pytest.approx(7 / 8)  # "the" twice among 8 words
     assert metrics["perplexity"] > 1 and math.isfinite(metrics["perplexity"])

@@ -25,8 +25,17 @@ def write_jsonl(path, records):
 
 def run_eval(tmp_path, task, predictions, *extra):
     out = tmp_path / f"out-{task}"
-    status = main(["eval", task, "--predictions", write_jsonl(tmp_path / f"{task}-pred.jsonl", predictions),
-                   "--output", str(out), *extra])
+    status = main(
+        [
+            "eval",
+            task,
+            "--predictions",
+            write_jsonl(tmp_path / f"{task}-pred.jsonl", predictions),
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
     assert status == 0
     metrics = json.loads((out / "metrics.json").read_text())
     scored = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -34,9 +43,13 @@ def run_eval(tmp_path, task, predictions, *extra):
 
 
 def test_sample_files_ship_a_few_dozen_rows_in_the_documented_format():
-    fields = {"sentiment": {"text", "label"}, "qa": {"question", "answers"},
-              "translate": {"source", "reference", "src_lang", "tgt_lang"},
-              "code": {"task_id", "prompt", "test", "entry_point"}, "write": {"prompt"}}
+    fields = {
+        "sentiment": {"text", "label"},
+        "qa": {"question", "answers"},
+        "translate": {"source", "reference", "src_lang", "tgt_lang"},
+        "code": {"task_id", "prompt", "test", "entry_point"},
+        "write": {"prompt"},
+    }
     for task in TASKS:
         data = rows(task)
         assert 20 <= len(data) <= 60, task
@@ -57,8 +70,11 @@ def test_code_perfect_wrong_and_several_samples(tmp_path, capsys):
     empty = [{"task_id": r["task_id"], "prediction": ""} for r in problems[:3]]
     assert run_eval(tmp_path, "code", empty, "--limit", "3")[0]["pass@1"] == 0.0
     # two samples per problem, one right and one wrong: pass@1 = 1/2, pass@2 = 1
-    mixed = [{"task_id": r["task_id"], "prediction": p} for r in problems[:4]
-             for p in (r["canonical_solution"], "    raise RuntimeError('no')\n")]
+    mixed = [
+        {"task_id": r["task_id"], "prediction": p}
+        for r in problems[:4]
+        for p in (r["canonical_solution"], "    raise RuntimeError('no')\n")
+    ]
     metrics, _ = run_eval(tmp_path, "code", mixed, "--limit", "4")
     assert metrics["pass@1"] == pytest.approx(0.5) and metrics["pass@2"] == pytest.approx(1.0)
     assert metrics["samples_per_problem"] == 2
@@ -67,8 +83,11 @@ def test_code_perfect_wrong_and_several_samples(tmp_path, capsys):
 
 def test_code_hostile_completions_are_contained(tmp_path):
     problem = rows("code")[0]
-    hostile = ["    while True:\n        pass\n", "    import os\n    os.system('echo pwned > /tmp/qwenkit-pwned')\n"
-               "    return a + b\n", "    import socket\n    socket.create_connection(('127.0.0.1', 22))\n"]
+    hostile = [
+        "    while True:\n        pass\n",
+        "    import os\n    os.system('echo pwned > /tmp/qwenkit-pwned')\n    return a + b\n",
+        "    import socket\n    socket.create_connection(('127.0.0.1', 22))\n",
+    ]
     records = [{**problem, "prediction": p} for p in hostile]
     metrics, scored = run_eval(tmp_path, "code", records, "--timeout", "1", "--limit", "1")
     assert metrics["pass@1"] == 0.0
@@ -82,8 +101,10 @@ def test_qa_perfect_empty_and_official_normalization(tmp_path):
     empty, _ = run_eval(tmp_path, "qa", [{"prediction": ""} for _ in data])  # joined by line order
     assert empty["exact_match"] == 0.0 and empty["f1"] == 0.0
     # case, articles and punctuation do not count; rows that carry their own fields need no join
-    own = [{"question": "Q?", "answers": ["the Pacific Ocean"], "prediction": "PACIFIC ocean!"},
-           {"question": "Q?", "answers": ["Gustave Eiffel"], "prediction": "Eiffel"}]
+    own = [
+        {"question": "Q?", "answers": ["the Pacific Ocean"], "prediction": "PACIFIC ocean!"},
+        {"question": "Q?", "answers": ["Gustave Eiffel"], "prediction": "Eiffel"},
+    ]
     metrics, scored = run_eval(tmp_path, "qa", own)
     assert [r["exact_match"] for r in scored] == [1.0, 0.0]
     assert scored[1]["f1"] == pytest.approx(2 / 3)  # precision 1, recall 1/2
@@ -114,7 +135,8 @@ def test_translate_scores_are_sacrebleus(tmp_path):
     assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
     en_fr = [(p, r["reference"]) for p, r in zip(preds, data) if (r["src_lang"], r["tgt_lang"]) == ("en", "fr")]
     assert metrics["pairs"]["en-fr"]["bleu"] == pytest.approx(
-        sacrebleu.corpus_bleu([p for p, _ in en_fr], [[r for _, r in en_fr]]).score)
+        sacrebleu.corpus_bleu([p for p, _ in en_fr], [[r for _, r in en_fr]]).score
+    )
     assert "nrefs:1" in metrics["bleu_signature"] and "chrF2" not in metrics["bleu_signature"]
     empty, _ = run_eval(tmp_path, "translate", [{"prediction": ""} for _ in data])
     assert empty["bleu"] == 0.0 and empty["chrf"] == 0.0
@@ -141,9 +163,11 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 
 
 def test_standalone_predictions_need_no_data_file(tmp_path):
-    records = [{"text": "Great.", "label": "good", "prediction": "good"},
-               {"text": "Meh.", "label": "bad", "prediction": "good"},
-               {"text": "Awful.", "label": "bad", "prediction": "bad"}]
+    records = [
+        {"text": "Great.", "label": "good", "prediction": "good"},
+        {"text": "Meh.", "label": "bad", "prediction": "good"},
+        {"text": "Awful.", "label": "bad", "prediction": "bad"},
+    ]
     metrics, scored = run_eval(tmp_path, "sentiment", records)
     assert metrics["data"] is None
     assert metrics["confusion_matrix"] == {"labels": ["bad", "good"], "matrix": [[1, 1], [0, 1]]}

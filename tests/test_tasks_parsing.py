@@ -13,8 +13,10 @@ from qwenkit.tasks.evaluate import join_predictions
 
 
 def test_extract_code_from_fenced_blocks():
-    reply = ("Sure! Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\n"
-             "You can call it like this:\n```\nprint(add(1, 2))\n```\n")
+    reply = (
+        "Sure! Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\n"
+        "You can call it like this:\n```\nprint(add(1, 2))\n```\n"
+    )
     assert code.extract_code(reply) == "def add(a, b):\n    return a + b\n"  # the python block, not the untagged one
     assert code.extract_code("```py\nx = 1\n```") == "x = 1\n"  # language aliases
     assert code.extract_code("```\nx = 1\n```\ntext\n```\ny = 2\n```") == "x = 1\n\ny = 2\n"  # untagged blocks joined
@@ -42,8 +44,13 @@ def test_completion_from_reply_appends_to_the_humaneval_prompt():
 
 def test_solve_feeds_failures_back_and_retries():
     tests = "assert add(2, 3) == 5\n"
-    replies = iter(["```python\ndef add(a, b):\n    return a - b\n```", "no code today",
-                    "```python\ndef add(a, b):\n    return a + b\n```"])
+    replies = iter(
+        [
+            "```python\ndef add(a, b):\n    return a - b\n```",
+            "no code today",
+            "```python\ndef add(a, b):\n    return a + b\n```",
+        ]
+    )
     seen = []
 
     def generate(messages):
@@ -66,12 +73,23 @@ def test_solve_feeds_failures_back_and_retries():
 # ---- translation --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("fr", ("fr", "French")), ("FRA", ("fr", "French")), ("French", ("fr", "French")), ("français", ("fr", "French")),
-    ("de_DE", ("de", "German")), ("en-US", ("en", "English")), ("pt-BR", ("pt-BR", "Brazilian Portuguese")),
-    ("中文", ("zh", "Chinese")), ("zh-TW", ("zh-Hant", "Traditional Chinese")), ("Japanese", ("ja", "Japanese")),
-    ("  spanish ", ("es", "Spanish")), ("iw", ("he", "Hebrew")),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("fr", ("fr", "French")),
+        ("FRA", ("fr", "French")),
+        ("French", ("fr", "French")),
+        ("français", ("fr", "French")),
+        ("de_DE", ("de", "German")),
+        ("en-US", ("en", "English")),
+        ("pt-BR", ("pt-BR", "Brazilian Portuguese")),
+        ("中文", ("zh", "Chinese")),
+        ("zh-TW", ("zh-Hant", "Traditional Chinese")),
+        ("Japanese", ("ja", "Japanese")),
+        ("  spanish ", ("es", "Spanish")),
+        ("iw", ("he", "Hebrew")),
+    ],
+)
 def test_language_names_and_codes(name, expected):
     assert translate.resolve_language(name) == expected
 
@@ -83,44 +101,73 @@ def test_unknown_language_suggests():
         translate.resolve_language("Klingonese")
 
 
-@pytest.mark.parametrize("text, code_", [
-    ("The house is wonderful.", "en"), ("La maison est merveilleuse et le jardin est grand.", "fr"),
-    ("Das Haus ist wunderbar und der Garten ist groß.", "de"), ("La casa es maravillosa, pero muy pequeña.", "es"),
-    ("A casa é maravilhosa, mas não é grande.", "pt"), ("La casa è meravigliosa e il giardino è grande.", "it"),
-    ("Дом замечательный.", "ru"), ("Будинок чудовий і великий.", "uk"), ("这房子很棒。", "zh"),
-    ("この家は素晴らしいです。", "ja"), ("이 집은 훌륭합니다.", "ko"), ("البيت رائع.", "ar"), ("Το σπίτι είναι υπέροχο.", "el"),
-    ("הבית נפלא.", "he"), ("Dom jest wspaniały i bardzo duży.", "pl"), ("Ev çok güzel ve büyük.", "tr"),
-])
+@pytest.mark.parametrize(
+    "text, code_",
+    [
+        ("The house is wonderful.", "en"),
+        ("La maison est merveilleuse et le jardin est grand.", "fr"),
+        ("Das Haus ist wunderbar und der Garten ist groß.", "de"),
+        ("La casa es maravillosa, pero muy pequeña.", "es"),
+        ("A casa é maravilhosa, mas não é grande.", "pt"),
+        ("La casa è meravigliosa e il giardino è grande.", "it"),
+        ("Дом замечательный.", "ru"),
+        ("Будинок чудовий і великий.", "uk"),
+        ("这房子很棒。", "zh"),
+        ("この家は素晴らしいです。", "ja"),
+        ("이 집은 훌륭합니다.", "ko"),
+        ("البيت رائع.", "ar"),
+        ("Το σπίτι είναι υπέροχο.", "el"),
+        ("הבית נפלא.", "he"),
+        ("Dom jest wspaniały i bardzo duży.", "pl"),
+        ("Ev çok güzel ve büyük.", "tr"),
+    ],
+)
 def test_detect_language(text, code_):
     assert translate.detect_language(text) == code_
 
 
 def test_split_sentences():
     text = "Dr. Smith arrived at 10 a.m. on Monday. He was late! Was it the train? Yes… it was."
-    assert translate.split_sentences(text) == ["Dr. Smith arrived at 10 a.m. on Monday.", "He was late!",
-                                               "Was it the train?", "Yes… it was."]
+    assert translate.split_sentences(text) == [
+        "Dr. Smith arrived at 10 a.m. on Monday.",
+        "He was late!",
+        "Was it the train?",
+        "Yes… it was.",
+    ]
     assert translate.split_sentences('She said "Stop." Then she left.') == ['She said "Stop."', "Then she left."]
     assert translate.split_sentences("今天天气很好。我们去公园吧！") == ["今天天气很好。", "我们去公园吧！"]
     assert translate.segment("One. Two.\n\nThree.") == [["One.", "Two."], [], ["Three."]]
 
 
-@pytest.mark.parametrize("reply, source, expected", [
-    ("La maison est merveilleuse.", "The house is wonderful.", "La maison est merveilleuse."),
-    ("Sure! Here is the translation:\n\nLa maison est merveilleuse.", "The house is wonderful.",
-     "La maison est merveilleuse."),
-    ('"La maison est merveilleuse."', "The house is wonderful.", "La maison est merveilleuse."),
-    ("«La maison est merveilleuse.»", "The house is wonderful.", "La maison est merveilleuse."),
-    ("French: La maison est merveilleuse.", "The house is wonderful.", "La maison est merveilleuse."),
-    ("Translation: La maison est merveilleuse.", "The house is wonderful.", "La maison est merveilleuse."),
-    ("La maison est merveilleuse.\n\nNote: « merveilleuse » can also be « magnifique ».", "The house is wonderful.",
-     "La maison est merveilleuse."),
-    ("La maison est merveilleuse.\n(Literally: the house is marvellous.)", "The house is wonderful.",
-     "La maison est merveilleuse."),
-    ('Il a dit « bonjour ».', 'He said "hello".', "Il a dit « bonjour »."),  # quotes inside are kept
-    ('"Bonjour", dit-il.', '"Hello", he said.', '"Bonjour", dit-il.'),  # quoted source: quotes kept
-    ("Attention : la maison.", "Warning: the house.", "Attention : la maison."),
-    ("", "The house is wonderful.", ""),
-])
+@pytest.mark.parametrize(
+    "reply, source, expected",
+    [
+        ("La maison est merveilleuse.", "The house is wonderful.", "La maison est merveilleuse."),
+        (
+            "Sure! Here is the translation:\n\nLa maison est merveilleuse.",
+            "The house is wonderful.",
+            "La maison est merveilleuse.",
+        ),
+        ('"La maison est merveilleuse."', "The house is wonderful.", "La maison est merveilleuse."),
+        ("«La maison est merveilleuse.»", "The house is wonderful.", "La maison est merveilleuse."),
+        ("French: La maison est merveilleuse.", "The house is wonderful.", "La maison est merveilleuse."),
+        ("Translation: La maison est merveilleuse.", "The house is wonderful.", "La maison est merveilleuse."),
+        (
+            "La maison est merveilleuse.\n\nNote: « merveilleuse » can also be « magnifique ».",
+            "The house is wonderful.",
+            "La maison est merveilleuse.",
+        ),
+        (
+            "La maison est merveilleuse.\n(Literally: the house is marvellous.)",
+            "The house is wonderful.",
+            "La maison est merveilleuse.",
+        ),
+        ("Il a dit « bonjour ».", 'He said "hello".', "Il a dit « bonjour »."),  # quotes inside are kept
+        ('"Bonjour", dit-il.', '"Hello", he said.', '"Bonjour", dit-il.'),  # quoted source: quotes kept
+        ("Attention : la maison.", "Warning: the house.", "Attention : la maison."),
+        ("", "The house is wonderful.", ""),
+    ],
+)
 def test_clean_translation(reply, source, expected):
     assert translate.clean_translation(reply, source) == expected
 
@@ -141,19 +188,24 @@ def test_write_clean_and_join():
 
 # ---- question answering -------------------------------------------------------------------------------------
 
-PASSAGES = [qa.Passage("a.txt", "Paris is the capital of France.", 1),
-            qa.Passage("b.txt", "Berlin is the capital of Germany.", 2)]
+PASSAGES = [
+    qa.Passage("a.txt", "Paris is the capital of France.", 1),
+    qa.Passage("b.txt", "Berlin is the capital of Germany.", 2),
+]
 
 
-@pytest.mark.parametrize("reply, answer, cited", [
-    ("Answer: Paris\nSources: [1]", "Paris", [1]),
-    ("Answer: Paris [1]\nSources: [1], [2]", "Paris", [1, 2]),
-    ("answer: Paris\nsources: 2", "Paris", [2]),
-    ("Paris, according to [1].", "Paris, according to.", [1]),
-    ("Answer: unknown\nSources: none", "unknown", []),
-    ("Answer: Paris\nSources: [7]", "Paris", []),  # a passage that was not shown is no citation
-    ("", "", []),
-])
+@pytest.mark.parametrize(
+    "reply, answer, cited",
+    [
+        ("Answer: Paris\nSources: [1]", "Paris", [1]),
+        ("Answer: Paris [1]\nSources: [1], [2]", "Paris", [1, 2]),
+        ("answer: Paris\nsources: 2", "Paris", [2]),
+        ("Paris, according to [1].", "Paris, according to.", [1]),
+        ("Answer: unknown\nSources: none", "unknown", []),
+        ("Answer: Paris\nSources: [7]", "Paris", []),  # a passage that was not shown is no citation
+        ("", "", []),
+    ],
+)
 def test_parse_qa_reply(reply, answer, cited):
     text, citations = qa.parse_reply(reply, PASSAGES)
     assert text == answer and [p.number for p in citations] == cited

@@ -36,18 +36,20 @@ def test_stop_string_spanning_two_tokens(model, tok_qwen):
     free = complete(model, tok_qwen, ["Say anything."], no_eos())[0]
     pieces = [tok_qwen.decode([t]) for t in free.token_ids]
     # A stop string made of the end of one token and the start of the next.
-    j = next(j for j in range(len(pieces) - 1)
-             if len(pieces[j]) >= 2 and len(pieces[j + 1]) >= 2 and "\ufffd" not in pieces[j] + pieces[j + 1])
+    j = next(
+        j
+        for j in range(len(pieces) - 1)
+        if len(pieces[j]) >= 2 and len(pieces[j + 1]) >= 2 and "\ufffd" not in pieces[j] + pieces[j + 1]
+    )
     stop = pieces[j][-1] + pieces[j + 1][0]
     # The run must end on the first token whose text completes the first occurrence of `stop`.
-    needed = next(k for k in range(1, len(free.token_ids) + 1)
-                  if stop in tok_qwen.decode(free.token_ids[:k]))
+    needed = next(k for k in range(1, len(free.token_ids) + 1) if stop in tok_qwen.decode(free.token_ids[:k]))
     run = TextStream(model, tok_qwen, [ids], no_eos(), stop=[stop])
     deltas = [d[0] for d in run]
     c = run.completions[0]
     assert c.finish_reason == "stop"
     assert c.token_ids == free.token_ids[:needed]
-    assert c.text == free.text[:free.text.index(stop)]
+    assert c.text == free.text[: free.text.index(stop)]
     assert "".join(deltas) == c.text  # the stop string was never streamed, not even its first half
 
 
@@ -108,6 +110,13 @@ def test_repetition_penalty_equals_transformers():
     hf = hf_twin(small)
     ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(1))
     ours = small.generate(ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.8, eos_token_id=[])
-    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                         repetition_penalty=1.8, eos_token_id=None, pad_token_id=0)
+    theirs = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=12,
+        do_sample=False,
+        repetition_penalty=1.8,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(ours, theirs)

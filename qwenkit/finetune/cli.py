@@ -50,12 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenkit finetune",
         description="Fine-tune a Qwen2.5 checkpoint: full, LoRA or frozen layers, with gradual unfreezing and "
-                    "layer-wise lr decay. Settings come from a YAML recipe; key=value pairs override it, and "
-                    "--key flags override both. Outputs: the adapter (PEFT format) or an HF checkpoint, metrics.jsonl, "
-                    "loss.png, resumable checkpoints.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
-                        help="a recipe file, then key=value overrides")
+        "layer-wise lr decay. Settings come from a YAML recipe; key=value pairs override it, and "
+        "--key flags override both. Outputs: the adapter (PEFT format) or an HF checkpoint, metrics.jsonl, "
+        "loss.png, resumable checkpoints.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "items", nargs="*", metavar="CONFIG.yaml | key=value", help="a recipe file, then key=value overrides"
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still print)")
     keys = parser.add_argument_group("recipe keys (each also settable as key=value or in the YAML)")
@@ -64,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         text = f"{doc} (default: {shown})"
         if _HINTS[name] is bool:
-            keys.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                              help=text)
+            keys.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
         else:
             choices = typing.get_args(_HINTS[name]) if typing.get_origin(_HINTS[name]) is typing.Literal else None
             metavar = "{" + ",".join(choices) + "}" if choices else name.upper()

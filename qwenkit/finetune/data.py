@@ -32,9 +32,19 @@ IGNORE_INDEX = -100
 FORMATS = ("alpaca", "sharegpt", "openai")
 # ShareGPT speakers as the exporters in the wild name them.
 _SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-    "function_call": "assistant", "tool": "tool", "observation": "tool", "function_response": "tool",
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function_response": "tool",
 }
 
 
@@ -81,6 +91,7 @@ class DataStats:
 
 # ---- reading records -------------------------------------------------------------------------------
 
+
 def read_records(path: str | os.PathLike, split: str | Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
     """Yield (where, record) for each row of a file or `datasets` folder; `record` is a DataError
     when the row itself cannot be read (e.g. a JSONL line that is not JSON).
@@ -104,8 +115,10 @@ def read_records(path: str | os.PathLike, split: str | Sequence[str] | None = No
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(p, "\t" if suffix == ".tsv" else ",")
     else:
-        raise DataError(f"{p}: unknown data file type {suffix!r}; use .jsonl, .json or .csv "
-                        "(or a folder saved by the datasets library)")
+        raise DataError(
+            f"{p}: unknown data file type {suffix!r}; use .jsonl, .json or .csv "
+            "(or a folder saved by the datasets library)"
+        )
 
 
 def _read_jsonl(p: Path):
@@ -187,8 +200,10 @@ def _read_datasets_folder(p: Path, split: str | None):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{p}: a folder of data needs the `datasets` library (pip install datasets); "
-                        "or give a .jsonl, .json or .csv file") from None
+        raise DataError(
+            f"{p}: a folder of data needs the `datasets` library (pip install datasets); "
+            "or give a .jsonl, .json or .csv file"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError as e:
@@ -206,6 +221,7 @@ def _read_datasets_folder(p: Path, split: str | None):
 
 # ---- formats -----------------------------------------------------------------------------------------
 
+
 def detect_format(record: Any, where: str) -> str:
     """'openai', 'sharegpt' or 'alpaca', from a row's fields."""
     if isinstance(record, Mapping):
@@ -218,8 +234,10 @@ def detect_format(record: Any, where: str) -> str:
         fields = ", ".join(map(repr, record)) or "none"
     else:
         fields = f"a {type(record).__name__}, not an object"
-    raise DataError(f"{where}: cannot tell the format (fields: {fields}); expected 'messages' (openai), "
-                    "'conversations' (sharegpt) or 'instruction'/'output' (alpaca); or set format:")
+    raise DataError(
+        f"{where}: cannot tell the format (fields: {fields}); expected 'messages' (openai), "
+        "'conversations' (sharegpt) or 'instruction'/'output' (alpaca); or set format:"
+    )
 
 
 def to_conversation(record: Any, fmt: str, where: str) -> Conversation:
@@ -297,8 +315,10 @@ def _sharegpt(record: Mapping, where: str) -> list[dict]:
                 raise DataError(f"{where}: missing field '{key}' in conversations[{i}]")
         role = _SHAREGPT_ROLES.get(str(t["from"]).lower())
         if role is None:
-            raise DataError(f"{where}: conversations[{i}] has unknown speaker {t['from']!r} "
-                            f"(known: {', '.join(sorted(_SHAREGPT_ROLES))})")
+            raise DataError(
+                f"{where}: conversations[{i}] has unknown speaker {t['from']!r} "
+                f"(known: {', '.join(sorted(_SHAREGPT_ROLES))})"
+            )
         messages.append({"role": role, "content": _text(t["value"], where, f"conversations[{i}].value")})
     return messages
 
@@ -343,8 +363,9 @@ def check_roles(messages: Sequence[Mapping], where: str, field_name: str = "mess
     for i, m in enumerate(messages):
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{where}: {field_name}[{i}] has unknown role {role!r} "
-                            "(expected system, user, assistant or tool)")
+            raise DataError(
+                f"{where}: {field_name}[{i}] has unknown role {role!r} (expected system, user, assistant or tool)"
+            )
         if role not in allowed[previous]:
             after = f"after {previous!r}" if previous else "as the first turn"
             expected = " or ".join(sorted(allowed[previous]))
@@ -361,15 +382,23 @@ def check_roles(messages: Sequence[Mapping], where: str, field_name: str = "mess
 def _reason(error: DataError) -> str:
     """The kind of a row error, for the skipped-rows count ("missing field 'output'" -> "missing field")."""
     text = str(error).split(": ", 1)[-1]
-    for kind in ("missing field", "wrong role order", "empty assistant turn", "not JSON", "no assistant turn",
-                 "unknown speaker", "unknown role"):
+    for kind in (
+        "missing field",
+        "wrong role order",
+        "empty assistant turn",
+        "not JSON",
+        "no assistant turn",
+        "unknown speaker",
+        "unknown role",
+    ):
         if kind in text:
             return kind
     return "invalid row"
 
 
-def load_conversations(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: bool = False,
-                       split: str | Sequence[str] | None = None) -> tuple[list[Conversation], DataStats]:
+def load_conversations(
+    path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: bool = False, split: str | Sequence[str] | None = None
+) -> tuple[list[Conversation], DataStats]:
     """Read and check every row of a data file.
 
     Args:
@@ -392,16 +421,19 @@ def load_conversations(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows
                 raise
             stats.skipped[_reason(e)] += 1
     if not out:
-        raise DataError(f"{path}: no usable rows" + (f" ({sum(stats.skipped.values())} bad rows skipped)"
-                                                       if stats.skipped else ""))
+        raise DataError(
+            f"{path}: no usable rows" + (f" ({sum(stats.skipped.values())} bad rows skipped)" if stats.skipped else "")
+        )
     stats.rows, stats.format = len(out), fmt
     return out, stats
 
 
 # ---- tokenization, packing, batches ----------------------------------------------------------------
 
-def tokenize(tok, conversations: Sequence[Conversation], max_seq_len: int,
-             stats: DataStats | None = None) -> list[Sample]:
+
+def tokenize(
+    tok, conversations: Sequence[Conversation], max_seq_len: int, stats: DataStats | None = None
+) -> list[Sample]:
     """Ids and assistant-only labels for each conversation, truncated to max_seq_len.
 
     Args:
@@ -515,15 +547,25 @@ class StepBatches:
         pad_id: the padding id.
     """
 
-    def __init__(self, samples: Sequence[Sample], batch_size: int, grad_accum: int, world_size: int, rank: int,
-                 seed: int, pad_id: int):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        pad_id: int,
+    ):
         self.samples, self.batch_size, self.grad_accum = samples, batch_size, grad_accum
         self.world_size, self.rank, self.seed, self.pad_id = world_size, rank, seed, pad_id
         self.global_batch = batch_size * grad_accum * world_size
         self.steps_per_epoch = len(samples) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DataError(f"{len(samples)} training sequences do not fill one step of batch_size x grad_accum "
-                            f"x processes = {self.global_batch}: lower batch_size or grad_accum")
+            raise DataError(
+                f"{len(samples)} training sequences do not fill one step of batch_size x grad_accum "
+                f"x processes = {self.global_batch}: lower batch_size or grad_accum"
+            )
         self._epoch, self._order = -1, None
 
     def position(self, step: int) -> tuple[int, int]:
@@ -544,7 +586,7 @@ class StepBatches:
         out = []
         for m in range(self.grad_accum):
             lo = start + (m * self.world_size + self.rank) * self.batch_size
-            out.append(collate([self.samples[i] for i in order[lo:lo + self.batch_size]], self.pad_id))
+            out.append(collate([self.samples[i] for i in order[lo : lo + self.batch_size]], self.pad_id))
         return out
 
 
@@ -559,9 +601,25 @@ def eval_batches(samples: Sequence[Sample], batch_size: int, world_size: int, ra
     filler = Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0]))
     mine += [filler] * (per_rank - len(mine))
     for i in range(0, len(mine), batch_size):
-        yield collate(mine[i:i + batch_size], pad_id)
+        yield collate(mine[i : i + batch_size], pad_id)
 
 
-__all__ = ["Conversation", "DataError", "DataStats", "FORMATS", "IGNORE_INDEX", "Sample", "StepBatches",
-           "check_roles", "collate", "detect_format", "eval_batches", "load_conversations", "pack",
-           "read_records", "split_validation", "to_conversation", "tokenize"]
+__all__ = [
+    "Conversation",
+    "DataError",
+    "DataStats",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "Sample",
+    "StepBatches",
+    "check_roles",
+    "collate",
+    "detect_format",
+    "eval_batches",
+    "load_conversations",
+    "pack",
+    "read_records",
+    "split_validation",
+    "to_conversation",
+    "tokenize",
+]

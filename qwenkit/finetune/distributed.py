@@ -115,8 +115,9 @@ def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
         from torch.distributed.tensor import distribute_tensor
 
         # Every rank holds `full`, so no data needs to move: each keeps its own slice.
-        shard_ = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                   src_data_rank=None)
+        shard_ = distribute_tensor(
+            full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
         param.to_local().copy_(shard_.to_local())
     else:
         param.copy_(full)
@@ -135,10 +136,27 @@ def like_param(param: torch.Tensor, value: torch.Tensor, sharded: bool) -> torch
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if sharded:
-        return DTensor.from_local(value.to(param.device), param.device_mesh, param.placements, run_check=False,
-                                  shape=param.shape, stride=param.stride())
+        return DTensor.from_local(
+            value.to(param.device),
+            param.device_mesh,
+            param.placements,
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
-__all__ = ["DistInfo", "all_reduce_sum", "assign_full", "barrier", "full_tensor",
-           "init_distributed", "is_dtensor", "like_param", "local_tensor", "shard", "shutdown"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_sum",
+    "assign_full",
+    "barrier",
+    "full_tensor",
+    "init_distributed",
+    "is_dtensor",
+    "like_param",
+    "local_tensor",
+    "shard",
+    "shutdown",
+]

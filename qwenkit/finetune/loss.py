@@ -28,13 +28,22 @@ DEFAULT_CHUNK_ROWS = 512
 # Where the head is frozen, tiles of rows x columns: 2048 rows (every position of a 4 x 512 batch in
 # one pass over the weight) and about 2M logits (8 MB in fp32, inside the CPU's last-level cache).
 FROZEN_CHUNK_ROWS = 2048
-TILE_ELEMENTS = 2 ** 21
+TILE_ELEMENTS = 2**21
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, label_smoothing: float, chunk_rows: int | None, vocab_tile: int | None,
-                need_h: bool, need_w: bool):
+    def forward(
+        ctx,
+        h,
+        weight,
+        targets,
+        label_smoothing: float,
+        chunk_rows: int | None,
+        vocab_tile: int | None,
+        need_h: bool,
+        need_w: bool,
+    ):
         # h (N, C); weight (V, C); targets (N,), all valid (no ignore index)
         if need_w:
             loss, grad_h, grad_w = _trained_head(h, weight, targets, label_smoothing, chunk_rows, need_h)
@@ -68,7 +77,7 @@ def _logits(hc: torch.Tensor, w: torch.Tensor, buf: torch.Tensor | None, acc: to
     """(n, t) logits hc @ w.T in the accumulator's dtype: written into `buf` (a reused buffer, where
     the inputs are already in that dtype), else computed in the inputs' dtype and converted."""
     if buf is not None:
-        return torch.mm(hc, w.t(), out=buf[:hc.shape[0], :w.shape[0]])
+        return torch.mm(hc, w.t(), out=buf[: hc.shape[0], : w.shape[0]])
     return (hc @ w.t()).to(acc)
 
 
@@ -85,7 +94,7 @@ def _trained_head(h, weight, targets, eps: float, chunk_rows: int | None, need_h
     # this size comes from mmap and costs its page faults each time (~15% of the product on CPU).
     buf = torch.empty(min(chunk_rows, N), V, dtype=acc, device=h.device) if h.dtype == weight.dtype == acc else None
     for start in range(0, N, chunk_rows):
-        hc, tc = h[start:start + chunk_rows], targets[start:start + chunk_rows]  # (n, C), (n,)
+        hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, C), (n,)
         logits = _logits(hc, weight, buf, acc)  # (n, V)
         # The softmax is built in place in `logits`: every pass over (n, V) costs as much as a
         # small matrix product on a CPU, so there are five, where log_softmax and its backward take ten.
@@ -103,7 +112,7 @@ def _trained_head(h, weight, targets, eps: float, chunk_rows: int | None, need_h
         grad.scatter_add_(1, tc[:, None], torch.full_like(tc[:, None], -(1 - eps), dtype=grad.dtype))
         grad = grad.to(h.dtype)
         if need_h:
-            grad_h[start:start + chunk_rows] = grad @ weight  # (n, C)
+            grad_h[start : start + chunk_rows] = grad @ weight  # (n, C)
         if hc.dtype == grad_w.dtype:
             grad_w.addmm_(grad.t(), hc)  # (V, C)
         else:
@@ -131,14 +140,14 @@ def _frozen_head(h, weight, targets, eps: float, chunk_rows: int | None, vocab_t
     buf = torch.empty(rows, tile, dtype=acc, device=h.device) if in_acc else None  # one tile, reused
     column_sum = weight.sum(0, dtype=acc) if eps and need_h else None  # (C,): sum_v W[v]
     for start in range(0, N, rows):
-        hc, tc = h[start:start + rows], targets[start:start + rows]  # (n, C), (n,)
+        hc, tc = h[start : start + rows], targets[start : start + rows]  # (n, C), (n,)
         n = hc.shape[0]
         top = torch.full((n,), float("-inf"), dtype=acc, device=h.device)  # running row maximum
         total = torch.zeros(n, dtype=acc, device=h.device)  # sum of exp(logit - top)
         logit_sum = torch.zeros(n, dtype=acc, device=h.device) if eps else None
         grad = torch.zeros(n, h.shape[1], dtype=acc, device=h.device) if need_h else None  # (n, C), times total
         for v0 in range(0, V, tile):
-            w = weight[v0:v0 + tile]  # (t, C)
+            w = weight[v0 : v0 + tile]  # (t, C)
             logits = _logits(hc, w, buf, acc)  # (n, t)
             if eps:
                 logit_sum += logits.sum(-1)
@@ -162,7 +171,7 @@ def _frozen_head(h, weight, targets, eps: float, chunk_rows: int | None, vocab_t
             grad.div_(total[:, None]).sub_(target_rows, alpha=1 - eps)
             if eps:
                 grad.sub_(column_sum, alpha=eps / V)
-            grad_h[start:start + rows] = grad
+            grad_h[start : start + rows] = grad
     return loss, grad_h
 
 
@@ -172,9 +181,14 @@ def _token_losses(lse, target_logit, mean_logit, eps: float):
     return (1 - eps) * losses + eps * (lse - mean_logit) if eps else losses
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               label_smoothing: float = 0.0, chunk_rows: int | None = None,
-                               vocab_tile: int | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
+    chunk_rows: int | None = None,
+    vocab_tile: int | None = None,
+) -> torch.Tensor:
     """Sum over rows of cross_entropy(hidden @ weight.T, targets), never holding (rows, vocab) for backward.
 
     Args:
@@ -192,8 +206,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if not (need_h or need_w):
         with torch.no_grad():
             return _frozen_head(hidden, weight, targets, label_smoothing, chunk_rows, vocab_tile, False)[0]
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk_rows, vocab_tile, need_h,
-                                          need_w)
+    return _FusedLinearCrossEntropy.apply(
+        hidden, weight, targets, label_smoothing, chunk_rows, vocab_tile, need_h, need_w
+    )
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -38,27 +38,38 @@ class FinetuneConfig:
     val_data: str | None = _key(None, "validation data file (default: a fraction of `data`, see val_fraction)")
     val_fraction: float = _key(0.0, "fraction of `data` held out for validation when val_data is not given")
     format: Literal["auto", "alpaca", "sharegpt", "openai"] = _key(
-        "auto", "data format: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
-        "openai (messages of role/content), or auto (detected from the first row)")
+        "auto",
+        "data format: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
+        "openai (messages of role/content), or auto (detected from the first row)",
+    )
     skip_bad_rows: bool = _key(False, "skip (and count) malformed rows instead of stopping at the first one")
     output: str = _key("", "output folder: adapter or checkpoint, metrics.jsonl, loss.png, checkpoints/")
 
     # Strategy.
-    method: Literal["full", "lora", "freeze"] = _key("lora", "full: every weight; lora: low-rank adapters; "
-                                                     "freeze: only train_layers")
+    method: Literal["full", "lora", "freeze"] = _key(
+        "lora", "full: every weight; lora: low-rank adapters; freeze: only train_layers"
+    )
     lora_r: int = _key(16, "LoRA rank")
     lora_alpha: float = _key(32.0, "LoRA alpha: updates are scaled by alpha / r")
     lora_dropout: float = _key(0.05, "dropout on the LoRA input")
     lora_targets: list[str] = _list_key(ALL_LINEAR, "modules that get adapters (or 'all-linear')")
     train_layers: int | list[str] | None = _key(
-        None, "freeze: train only the top N decoder layers (with the final norm and an untied lm_head), "
-        "or a list of module names / globs (e.g. model.layers.*.mlp); lora: adapt only the top N layers")
-    unfreeze_every: int = _key(0, "gradual unfreezing: start with the top layer group, unfreeze one more every "
-                               "K steps or epochs (see unfreeze_unit); 0: off")
+        None,
+        "freeze: train only the top N decoder layers (with the final norm and an untied lm_head), "
+        "or a list of module names / globs (e.g. model.layers.*.mlp); lora: adapt only the top N layers",
+    )
+    unfreeze_every: int = _key(
+        0,
+        "gradual unfreezing: start with the top layer group, unfreeze one more every "
+        "K steps or epochs (see unfreeze_unit); 0: off",
+    )
     unfreeze_unit: Literal["steps", "epochs"] = _key("steps", "unit of unfreeze_every")
     unfreeze_group_size: int = _key(1, "decoder layers per unfreezing group")
-    layer_lr_decay: float = _key(1.0, "layer-wise lr decay: lr x decay^depth, depth 0 for the top layer, "
-                                 "the final norm and lm_head, L for the embeddings; 1: off")
+    layer_lr_decay: float = _key(
+        1.0,
+        "layer-wise lr decay: lr x decay^depth, depth 0 for the top layer, "
+        "the final norm and lm_head, L for the embeddings; 1: off",
+    )
 
     # Optimization.
     optimizer: Literal["adamw", "adam", "sgd"] = _key("adamw", "optimizer (sgd uses momentum)")
@@ -78,16 +89,20 @@ class FinetuneConfig:
     packing: bool = _key(False, "pack several samples into each sequence (positions restart, no attention across)")
     grad_checkpointing: bool = _key(False, "recompute each block's activations in backward to save memory")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = _key(
-        "auto", "fp32; bf16-mixed: fp32 weights, bf16 compute; bf16: bf16 base weights (LoRA/freeze keep their "
-        "trained weights in fp32); auto: fp32 on CPU, bf16 for lora/freeze and bf16-mixed for full on GPU")
+        "auto",
+        "fp32; bf16-mixed: fp32 weights, bf16 compute; bf16: bf16 base weights (LoRA/freeze keep their "
+        "trained weights in fp32); auto: fp32 on CPU, bf16 for lora/freeze and bf16-mixed for full on GPU",
+    )
 
     # Evaluation, checkpoints, runs.
     eval_every: int = _key(0, "evaluate the validation loss every N steps (and at the end); 0: only at the end")
     save_every: int = _key(0, "write a resumable checkpoint every N steps; 0: never")
     keep_last: int = _key(2, "resumable checkpoints to keep")
     checkpoint_format: Literal["auto", "full", "sharded"] = _key(
-        "auto", "resumable checkpoints under FSDP: full (gathered on rank 0) or sharded (one file per rank, "
-        "resumed with the same number of processes); auto: sharded when distributed")
+        "auto",
+        "resumable checkpoints under FSDP: full (gathered on rank 0) or sharded (one file per rank, "
+        "resumed with the same number of processes); auto: sharded when distributed",
+    )
     early_stop_patience: int = _key(0, "stop after N evaluations without a better validation loss; 0: off")
     resume: bool = _key(False, "continue from the last checkpoint in output/checkpoints")
     seed: int = _key(0, "random seed: data order, validation split, adapter init, dropout")
@@ -203,10 +218,28 @@ def validate(c: FinetuneConfig) -> None:
             if getattr(c, k) < 0:
                 _bad(k, f"must be >= 0; got {getattr(c, k)!r}")
 
-    positive("lora_r", "lora_alpha", "lr", "batch_size", "grad_accum", "max_seq_len", "unfreeze_group_size",
-             "epochs", "keep_last")
-    non_negative("weight_decay", "warmup_steps", "max_steps", "max_grad_norm", "eval_every", "save_every",
-                 "early_stop_patience", "unfreeze_every", "momentum")
+    positive(
+        "lora_r",
+        "lora_alpha",
+        "lr",
+        "batch_size",
+        "grad_accum",
+        "max_seq_len",
+        "unfreeze_group_size",
+        "epochs",
+        "keep_last",
+    )
+    non_negative(
+        "weight_decay",
+        "warmup_steps",
+        "max_steps",
+        "max_grad_norm",
+        "eval_every",
+        "save_every",
+        "early_stop_patience",
+        "unfreeze_every",
+        "momentum",
+    )
     if not 0 <= c.val_fraction < 1:
         _bad("val_fraction", f"must be in [0, 1); got {c.val_fraction!r}")
     if not 0 <= c.lora_dropout < 1:
@@ -225,10 +258,15 @@ def validate(c: FinetuneConfig) -> None:
     if targets != ["all-linear"]:
         unknown = [t for t in targets if t not in ALL_LINEAR]
         if unknown:
-            extra = " (the LM head is not adapted: the model computes it from output_weight())" \
-                if "lm_head" in unknown else ""
-            _bad("lora_targets", f"unknown module {unknown[0]!r}; choose from {', '.join(ALL_LINEAR)} "
-                 f"or all-linear{extra}")
+            extra = (
+                " (the LM head is not adapted: the model computes it from output_weight())"
+                if "lm_head" in unknown
+                else ""
+            )
+            _bad(
+                "lora_targets",
+                f"unknown module {unknown[0]!r}; choose from {', '.join(ALL_LINEAR)} or all-linear{extra}",
+            )
     tl = c.train_layers
     if isinstance(tl, int) and tl <= 0:
         _bad("train_layers", f"must be a positive number of layers, or module names; got {tl}")
@@ -318,5 +356,15 @@ def to_dict(c: FinetuneConfig) -> dict[str, Any]:
     return dataclasses.asdict(c)
 
 
-__all__ = ["FinetuneConfig", "KEYS", "RecipeError", "build_config", "check_required", "key_help", "load_config",
-           "read_yaml", "to_dict", "validate"]
+__all__ = [
+    "FinetuneConfig",
+    "KEYS",
+    "RecipeError",
+    "build_config",
+    "check_required",
+    "key_help",
+    "load_config",
+    "read_yaml",
+    "to_dict",
+    "validate",
+]

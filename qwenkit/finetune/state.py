@@ -34,8 +34,9 @@ def checkpoint_dirs(output: str | os.PathLike) -> list[Path]:
     root = Path(output) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))
-             and (p / STATE_FILE).exists()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).exists()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -64,9 +65,18 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def save_checkpoint(output: str | os.PathLike, step: int, model: torch.nn.Module, trained: list[str],
-                    optimizer: torch.optim.Optimizer, scheduler, info: dict, dist: D.DistInfo,
-                    sharded: bool, keep_last: int) -> Path:
+def save_checkpoint(
+    output: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    trained: list[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    info: dict,
+    dist: D.DistInfo,
+    sharded: bool,
+    keep_last: int,
+) -> Path:
     """Write a resumable checkpoint of step `step` (all ranks call this).
 
     Args:
@@ -99,8 +109,9 @@ def save_checkpoint(output: str | os.PathLike, step: int, model: torch.nn.Module
             if torch.is_tensor(value):
                 opt_tensors[f"{idx}.{key}"] = gather(value) if D.is_dtensor(value) else value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    non_tensor_state = {str(idx): {k: v for k, v in s.items() if not torch.is_tensor(v)}
-                        for idx, s in sd["state"].items()}
+    non_tensor_state = {
+        str(idx): {k: v for k, v in s.items() if not torch.is_tensor(v)} for idx, s in sd["state"].items()
+    }
 
     suffix = f"-rank{dist.rank:05d}" if sharded else ""
     if sharded or dist.is_main:
@@ -114,9 +125,13 @@ def save_checkpoint(output: str | os.PathLike, step: int, model: torch.nn.Module
     D.barrier()
     if dist.is_main:
         meta = {
-            "step": step, "world_size": dist.world_size, "sharded": sharded, "trained": trained,
+            "step": step,
+            "world_size": dist.world_size,
+            "sharded": sharded,
+            "trained": trained,
             "optimizer": {"param_groups": groups, "state": non_tensor_state},
-            "scheduler": scheduler.state_dict(), **info,
+            "scheduler": scheduler.state_dict(),
+            **info,
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
         if final.exists():
@@ -128,8 +143,9 @@ def save_checkpoint(output: str | os.PathLike, step: int, model: torch.nn.Module
     return final
 
 
-def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    dist: D.DistInfo) -> dict:
+def load_checkpoint(
+    folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dist: D.DistInfo
+) -> dict:
     """Restore what `save_checkpoint` wrote into a model and optimizer built the same way; returns
     the saved run state (step, info). RNG states are restored last, so nothing after this draws
     differently from the uninterrupted run."""
@@ -137,8 +153,10 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, optimizer
     meta = json.loads((folder / STATE_FILE).read_text())
     sharded = meta["sharded"]
     if sharded and meta["world_size"] != dist.world_size:
-        raise ValueError(f"{folder}: a sharded checkpoint of {meta['world_size']} processes cannot resume on "
-                         f"{dist.world_size}; use checkpoint_format: full to change the number of processes")
+        raise ValueError(
+            f"{folder}: a sharded checkpoint of {meta['world_size']} processes cannot resume on "
+            f"{dist.world_size}; use checkpoint_format: full to change the number of processes"
+        )
     suffix = f"-rank{dist.rank:05d}" if sharded else ""
     params = dict(model.named_parameters())
     weights = _load_tensors(folder / f"model{suffix}.safetensors")

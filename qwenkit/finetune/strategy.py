@@ -37,8 +37,12 @@ def depth_of(name: str, num_layers: int) -> int:
 
 
 def _module_matches(name: str, pattern: str) -> bool:
-    return (name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
-            or fnmatch.fnmatchcase(name, pattern + ".*"))
+    return (
+        name == pattern
+        or name.startswith(pattern + ".")
+        or fnmatch.fnmatchcase(name, pattern)
+        or fnmatch.fnmatchcase(name, pattern + ".*")
+    )
 
 
 def trainable_names(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
@@ -60,8 +64,10 @@ def trainable_names(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     for pattern in cfg.train_layers:
         hits = [n for n in names if _module_matches(n, pattern)]
         if not hits:
-            raise RecipeError(f"key 'train_layers': {pattern!r} matches no module of the model "
-                              f"(names look like model.layers.0.mlp, model.norm, lm_head)")
+            raise RecipeError(
+                f"key 'train_layers': {pattern!r} matches no module of the model "
+                f"(names look like model.layers.0.mlp, model.norm, lm_head)"
+            )
         chosen.extend(hits)
     return [n for n in names if n in set(chosen)]
 
@@ -99,13 +105,15 @@ def param_groups(model: nn.Module, names: Sequence[str], cfg: FinetuneConfig) ->
         spec.names.append(n)
     groups = []
     for (d, decay), spec in sorted(specs.items()):
-        groups.append({
-            "params": [(n, params[n]) for n in spec.names],  # named: the optimizer keeps `param_names`
-            "lr": cfg.lr * cfg.layer_lr_decay ** d,
-            "weight_decay": cfg.weight_decay if decay else 0.0,
-            "depth": d,
-            "unfreeze_group": spec.unfreeze_group,
-        })
+        groups.append(
+            {
+                "params": [(n, params[n]) for n in spec.names],  # named: the optimizer keeps `param_names`
+                "lr": cfg.lr * cfg.layer_lr_decay**d,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "depth": d,
+                "unfreeze_group": spec.unfreeze_group,
+            }
+        )
     return groups
 
 
@@ -173,8 +181,19 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, total_steps: int):
     """A LambdaLR over every group's own lr (so layer-wise decay ratios are kept)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.scheduler))
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.scheduler)
+    )
 
 
-__all__ = ["build_optimizer", "build_scheduler", "depth_of", "drop_locked_grads", "lora_layer_indices", "lr_factor",
-           "param_groups", "set_unfrozen", "trainable_names", "unfrozen_groups"]
+__all__ = [
+    "build_optimizer",
+    "build_scheduler",
+    "depth_of",
+    "drop_locked_grads",
+    "lora_layer_indices",
+    "lr_factor",
+    "param_groups",
+    "set_unfrozen",
+    "trainable_names",
+    "unfrozen_groups",
+]

@@ -26,22 +26,64 @@ from torch import nn
 
 from qwenkit.finetune import distributed as D
 from qwenkit.finetune import state as S
-from qwenkit.finetune.data import (IGNORE_INDEX, DataError, DataStats, StepBatches, eval_batches, load_conversations,
-                                   pack, split_validation, tokenize)
+from qwenkit.finetune.data import (
+    IGNORE_INDEX,
+    DataError,
+    DataStats,
+    StepBatches,
+    eval_batches,
+    load_conversations,
+    pack,
+    split_validation,
+    tokenize,
+)
 from qwenkit.finetune.loss import CausalLMLoss, shift_targets
 from qwenkit.finetune.recipe import FinetuneConfig, RecipeError, check_required, to_dict
-from qwenkit.finetune.strategy import (build_optimizer, build_scheduler, drop_locked_grads, lora_layer_indices,
-                                       param_groups, set_unfrozen, trainable_names, unfrozen_groups)
+from qwenkit.finetune.strategy import (
+    build_optimizer,
+    build_scheduler,
+    drop_locked_grads,
+    lora_layer_indices,
+    param_groups,
+    set_unfrozen,
+    trainable_names,
+    unfrozen_groups,
+)
 
 METRICS = "metrics.jsonl"
 # Keys that change the course of a run: resuming with any of them changed is refused. (The global
 # batch, batch_size x grad_accum x processes, is checked as one number, so a run may resume on
 # another number of processes from a full checkpoint.)
-_TRAJECTORY_KEYS = ("model", "data", "val_data", "val_fraction", "format", "method", "lora_r", "lora_alpha",
-                    "lora_dropout", "lora_targets", "train_layers", "unfreeze_every", "unfreeze_unit",
-                    "unfreeze_group_size", "layer_lr_decay", "optimizer", "lr", "weight_decay", "momentum",
-                    "betas", "scheduler", "warmup_steps", "max_grad_norm",
-                    "label_smoothing", "max_seq_len", "packing", "precision", "seed")
+_TRAJECTORY_KEYS = (
+    "model",
+    "data",
+    "val_data",
+    "val_fraction",
+    "format",
+    "method",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "train_layers",
+    "unfreeze_every",
+    "unfreeze_unit",
+    "unfreeze_group_size",
+    "layer_lr_decay",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "betas",
+    "scheduler",
+    "warmup_steps",
+    "max_grad_norm",
+    "label_smoothing",
+    "max_seq_len",
+    "packing",
+    "precision",
+    "seed",
+)
 
 Callback = Callable[["Trainer", dict], None]
 
@@ -119,8 +161,9 @@ class Trainer:
         train_conv, tstats = load_conversations(cfg.data, cfg.format, cfg.skip_bad_rows, split=("train",))
         val_conv, vstats = [], None
         if cfg.val_data:
-            val_conv, vstats = load_conversations(cfg.val_data, cfg.format, cfg.skip_bad_rows,
-                                                  split=("validation", "test", "train"))
+            val_conv, vstats = load_conversations(
+                cfg.val_data, cfg.format, cfg.skip_bad_rows, split=("validation", "test", "train")
+            )
         elif cfg.val_fraction:
             train_conv, val_conv = split_validation(train_conv, cfg.val_fraction, cfg.seed)
             tstats.rows = len(train_conv)
@@ -130,8 +173,10 @@ class Trainer:
         if not train:
             raise DataError(f"{cfg.data}: no training row has an assistant token within max_seq_len {cfg.max_seq_len}")
         if val_conv and not self.val_samples:
-            raise DataError(f"{cfg.val_data or cfg.data}: no validation row has an assistant token within "
-                            f"max_seq_len {cfg.max_seq_len}")
+            raise DataError(
+                f"{cfg.val_data or cfg.data}: no validation row has an assistant token within "
+                f"max_seq_len {cfg.max_seq_len}"
+            )
         self.log(tstats.summary("train"))
         if vstats is not None:
             self.log(vstats.summary("validation"))
@@ -141,8 +186,9 @@ class Trainer:
             self.log(f"packed {n} samples into {len(train)} sequences of at most {cfg.max_seq_len} tokens")
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self.pad_id = pad
-        self.batches = StepBatches(train, cfg.batch_size, cfg.grad_accum, self.dist.world_size, self.dist.rank,
-                                   cfg.seed, pad)
+        self.batches = StepBatches(
+            train, cfg.batch_size, cfg.grad_accum, self.dist.world_size, self.dist.rank, cfg.seed, pad
+        )
         self.total_steps = cfg.max_steps or cfg.epochs * self.batches.steps_per_epoch
 
     def _setup_model(self) -> None:
@@ -154,14 +200,21 @@ class Trainer:
         cfg, device = self.cfg, self.dist.device
         config = from_hf_config(self.model_dir)
         if config.vocab_size < len(self.tok):
-            raise RecipeError(f"key 'model': the embedding has {config.vocab_size} rows, fewer than the tokenizer's "
-                              f"{len(self.tok)} tokens")
+            raise RecipeError(
+                f"key 'model': the embedding has {config.vocab_size} rows, fewer than the tokenizer's "
+                f"{len(self.tok)} tokens"
+            )
         with torch.device("meta"):
             model = QwenForCausalLM(config)
         if cfg.method == "lora":
-            apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                       targets="all-linear" if cfg.lora_targets == ["all-linear"] else cfg.lora_targets,
-                       layers=lora_layer_indices(cfg, config.num_hidden_layers))
+            apply_lora(
+                model,
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                targets="all-linear" if cfg.lora_targets == ["all-linear"] else cfg.lora_targets,
+                layers=lora_layer_indices(cfg, config.num_hidden_layers),
+            )
         self.trained = trainable_names(model, cfg)
         if not self.trained:
             raise RecipeError("the recipe trains no parameter (check method and train_layers)")
@@ -173,8 +226,9 @@ class Trainer:
                     continue
                 full = f"{module_name}.{pname}" if module_name else pname
                 dtype = torch.float32 if full in trained else self.frozen_dtype
-                module._parameters[pname] = nn.Parameter(torch.empty_like(p, dtype=dtype),
-                                                         requires_grad=full in trained)
+                module._parameters[pname] = nn.Parameter(
+                    torch.empty_like(p, dtype=dtype), requires_grad=full in trained
+                )
         model.gradient_checkpointing = cfg.grad_checkpointing
         self.model = model
         self.root = CausalLMLoss(model, cfg.label_smoothing)
@@ -187,9 +241,11 @@ class Trainer:
         self.root.train()
         n_trained = sum(p.numel() for n, p in model.named_parameters() if n in trained)
         n_all = sum(p.numel() for p in model.parameters())
-        self.log(f"model: {n_all / 1e6:.1f}M parameters, training {n_trained / 1e6:.2f}M ({cfg.method}); "
-                 f"{self.precision} on {device}" + (f" x {self.dist.world_size} processes (FSDP)"
-                                                    if self.dist.distributed else ""))
+        self.log(
+            f"model: {n_all / 1e6:.1f}M parameters, training {n_trained / 1e6:.2f}M ({cfg.method}); "
+            f"{self.precision} on {device}"
+            + (f" x {self.dist.world_size} processes (FSDP)" if self.dist.distributed else "")
+        )
 
     @torch.no_grad()
     def _load_weights(self) -> None:
@@ -212,8 +268,10 @@ class Trainer:
                         raise CheckpointError(f"{file}: unexpected tensor '{name}' (not part of this model's config)")
                     tensor = f.get_tensor(name)
                     if tuple(tensor.shape) != tuple(params[name].shape):
-                        raise CheckpointError(f"{file}: tensor '{name}' has shape {list(tensor.shape)}, "
-                                              f"the config asks for {list(params[name].shape)}")
+                        raise CheckpointError(
+                            f"{file}: tensor '{name}' has shape {list(tensor.shape)}, "
+                            f"the config asks for {list(params[name].shape)}"
+                        )
                     D.assign_full(params[name], tensor.to(params[name].dtype))
                     seen.add(name)
         for name, tensor in initial_lora_weights(self.model, self.cfg.seed).items():
@@ -236,11 +294,15 @@ class Trainer:
             changed = [k for k in _TRAJECTORY_KEYS if meta["recipe"].get(k) != to_dict(cfg).get(k)]
             if changed:
                 k = changed[0]
-                raise RecipeError(f"key '{k}': is {to_dict(cfg)[k]!r} but the run being resumed used "
-                                  f"{meta['recipe'][k]!r}; resume with the same value, or start a new output")
+                raise RecipeError(
+                    f"key '{k}': is {to_dict(cfg)[k]!r} but the run being resumed used "
+                    f"{meta['recipe'][k]!r}; resume with the same value, or start a new output"
+                )
             if meta.get("global_batch") != self.batches.global_batch:
-                raise RecipeError(f"key 'batch_size': the global batch (batch_size x grad_accum x processes) is "
-                                  f"{self.batches.global_batch}, the run being resumed used {meta.get('global_batch')}")
+                raise RecipeError(
+                    f"key 'batch_size': the global batch (batch_size x grad_accum x processes) is "
+                    f"{self.batches.global_batch}, the run being resumed used {meta.get('global_batch')}"
+                )
             if meta["trained"] != self.trained:
                 raise RecipeError(f"{found[-1]}: trains other parameters than this recipe")
             self.step = meta["step"]
@@ -250,8 +312,10 @@ class Trainer:
         elif cfg.resume:
             self.log(f"resume: no checkpoint in {self.output / S.CHECKPOINTS}, starting at step 0")
         elif found or metrics.exists():
-            raise RecipeError(f"key 'output': {self.output} already holds a run ({METRICS} or {S.CHECKPOINTS}/); "
-                              "set resume: true to continue it, or choose another output folder")
+            raise RecipeError(
+                f"key 'output': {self.output} already holds a run ({METRICS} or {S.CHECKPOINTS}/); "
+                "set resume: true to continue it, or choose another output folder"
+            )
         D.barrier()  # every rank has looked at the folder before rank 0 writes to it
         if self.dist.is_main:
             # Lines written after the checkpoint by the run that was killed are replaced by this one's.
@@ -266,8 +330,14 @@ class Trainer:
         if self.dist.is_main and self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                             desc="finetune", file=sys.stderr)
+            self._bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                desc="finetune",
+                file=sys.stderr,
+            )
         last = {}
         try:
             while self.step < self.total_steps and not self.stopped_early:
@@ -291,12 +361,22 @@ class Trainer:
             plotted = plot_losses(self.output / METRICS, self.output / "loss.png")
             if not plotted:
                 self.log("loss.png not drawn: matplotlib is not installed (pip install 'qwenkit[plot]')")
-        summary = {"steps": self.step, "loss": last.get("loss"), "eval_loss": self.last_eval,
-                   "best_eval_loss": self.best_eval, "best_step": self.best_step,
-                   "stopped_early": self.stopped_early, "output": str(self.output), "loss_png": plotted}
+        summary = {
+            "steps": self.step,
+            "loss": last.get("loss"),
+            "eval_loss": self.last_eval,
+            "best_eval_loss": self.best_eval,
+            "best_step": self.best_step,
+            "stopped_early": self.stopped_early,
+            "output": str(self.output),
+            "loss_png": plotted,
+        }
         evaluated = f", eval loss {self.last_eval:.4f}" if self.last_eval is not None else ""
-        self.log(f"done: {self.step} steps{evaluated}" + (" (stopped early)" if self.stopped_early else "")
-                 + f"; output in {self.output}")
+        self.log(
+            f"done: {self.step} steps{evaluated}"
+            + (" (stopped early)" if self.stopped_early else "")
+            + f"; output in {self.output}"
+        )
         return summary
 
     def train_step(self) -> dict:
@@ -306,8 +386,13 @@ class Trainer:
         set_unfrozen(self.optimizer, unfrozen_groups(cfg, self.step, epoch), toggle_requires_grad=not dist.distributed)
         t0 = time.perf_counter()
         micro = [self._to_device(b) for b in self.batches.micro_batches(self.step)]
-        counts = torch.tensor([float(sum((shift_targets(b["labels"]) != IGNORE_INDEX).sum() for b in micro)),
-                               float(sum(b["attention_mask"].sum() for b in micro))], dtype=torch.float64)
+        counts = torch.tensor(
+            [
+                float(sum((shift_targets(b["labels"]) != IGNORE_INDEX).sum() for b in micro)),
+                float(sum(b["attention_mask"].sum() for b in micro)),
+            ],
+            dtype=torch.float64,
+        )
         n_targets, n_tokens = D.all_reduce_sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
         for i, batch in enumerate(micro):
@@ -330,9 +415,15 @@ class Trainer:
         if dist.device.type == "cuda":
             torch.cuda.synchronize(dist.device)
         seconds = time.perf_counter() - t0
-        record = {"step": self.step, "epoch": round(self.step / self.batches.steps_per_epoch, 4), "loss": loss_value,
-                  "lr": top_lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
-                  "tokens_per_s": round(n_tokens / seconds, 1)}
+        record = {
+            "step": self.step,
+            "epoch": round(self.step / self.batches.steps_per_epoch, 4),
+            "loss": loss_value,
+            "lr": top_lr,
+            "grad_norm": grad_norm,
+            "tokens": int(n_tokens),
+            "tokens_per_s": round(n_tokens / seconds, 1),
+        }
         self._write_metrics(record)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{n_tokens / seconds:.0f}")
@@ -360,8 +451,9 @@ class Trainer:
         """The validation loss: mean cross-entropy over every validation target token."""
         self.root.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        for batch in eval_batches(self.val_samples, self.cfg.batch_size, self.dist.world_size, self.dist.rank,
-                                  self.pad_id):
+        for batch in eval_batches(
+            self.val_samples, self.cfg.batch_size, self.dist.world_size, self.dist.rank, self.pad_id
+        ):
             with self._autocast():
                 loss, n = self.root(**self._to_device(batch))
             total += torch.tensor([loss.item(), n.item()], dtype=torch.float64)
@@ -377,8 +469,10 @@ class Trainer:
         improved = self.best_eval is None or loss < self.best_eval
         record = {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
         self._write_metrics(record)
-        self.log(f"step {self.step}: eval loss {loss:.4f} (ppl {record['eval_ppl']:.4g})"
-                 + (" best" if improved and self.best_eval is not None else ""))
+        self.log(
+            f"step {self.step}: eval loss {loss:.4f} (ppl {record['eval_ppl']:.4g})"
+            + (" best" if improved and self.best_eval is not None else "")
+        )
         if improved:
             self.best_eval, self.best_step, self.bad_evals = loss, self.step, 0
             if self.cfg.eval_every:
@@ -387,17 +481,35 @@ class Trainer:
             self.bad_evals += 1
             if self.cfg.early_stop_patience and self.bad_evals >= self.cfg.early_stop_patience:
                 self.stopped_early = True
-                self.log(f"early stop: {self.bad_evals} evaluations without improvement; best eval loss "
-                         f"{self.best_eval:.4f} at step {self.best_step}, in {self.output / 'best'}")
+                self.log(
+                    f"early stop: {self.bad_evals} evaluations without improvement; best eval loss "
+                    f"{self.best_eval:.4f} at step {self.best_step}, in {self.output / 'best'}"
+                )
 
     def save_checkpoint(self) -> Path:
         """A resumable checkpoint of the current step (all ranks call this)."""
         fmt = self.cfg.checkpoint_format
         sharded = fmt == "sharded" or (fmt == "auto" and self.dist.distributed)
-        info = {"best_eval": self.best_eval, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "last_eval": self.last_eval, "recipe": to_dict(self.cfg), "global_batch": self.batches.global_batch}
-        return S.save_checkpoint(self.output, self.step, self.model, self.trained, self.optimizer, self.scheduler,
-                                 info, self.dist, sharded, self.cfg.keep_last)
+        info = {
+            "best_eval": self.best_eval,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "last_eval": self.last_eval,
+            "recipe": to_dict(self.cfg),
+            "global_batch": self.batches.global_batch,
+        }
+        return S.save_checkpoint(
+            self.output,
+            self.step,
+            self.model,
+            self.trained,
+            self.optimizer,
+            self.scheduler,
+            info,
+            self.dist,
+            sharded,
+            self.cfg.keep_last,
+        )
 
     def save_output(self, folder: Path) -> None:
         """The run's result: the LoRA adapter (PEFT format), or a complete HF checkpoint with the

@@ -70,7 +70,11 @@ def _machine_key() -> str:
 def _build(cc: str) -> Path:
     from qwenkit.tokenizer import cache_dir
 
-    parts = [p.read_bytes() for p in _SOURCES + _HEADERS] + [cc.encode(), " ".join(FLAGS).encode(), _machine_key().encode()]
+    parts = [p.read_bytes() for p in _SOURCES + _HEADERS] + [
+        cc.encode(),
+        " ".join(FLAGS).encode(),
+        _machine_key().encode(),
+    ]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"qwenkit-{key}.so"
     if target.exists():
@@ -79,8 +83,9 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True,
-                       timeout=120)
+        subprocess.run(
+            [cc, *FLAGS, *map(str, _SOURCES), "-o", tmp], check=True, capture_output=True, text=True, timeout=120
+        )
         os.replace(tmp, target)  # atomic: a concurrent build or a killed one never leaves half a file
     finally:
         if os.path.exists(tmp):
@@ -114,8 +119,12 @@ def _load() -> ctypes.CDLL | None:
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
                 fn.restype = ctypes.c_int
                 fn = getattr(lib, f"qwenkit_decode_layers_{suffix}")
-                fn.argtypes = ([ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 7
-                               + [ctypes.c_float, ctypes.c_int])
+                fn.argtypes = (
+                    [ctypes.c_void_p, ctypes.c_long]
+                    + [ctypes.c_void_p] * 6
+                    + [ctypes.c_long] * 7
+                    + [ctypes.c_float, ctypes.c_int]
+                )
                 fn.restype = ctypes.c_int
             lib.qwenkit_gemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
             lib.qwenkit_gemv_int8.restype = ctypes.c_int
@@ -124,8 +133,12 @@ def _load() -> ctypes.CDLL | None:
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
-            warnings.warn(f"qwenkit: the native decoding kernel is unavailable, so decoding uses PyTorch's "
-                          f"matmul (slower on CPU): {detail.strip()[:500]}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"qwenkit: the native decoding kernel is unavailable, so decoding uses PyTorch's "
+                f"matmul (slower on CPU): {detail.strip()[:500]}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _tried = True
         return _lib
 
@@ -148,8 +161,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x2 = x.contiguous()
     b = None if bias is None else bias.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    if fn(x2.data_ptr(), weight.data_ptr(), None, None if b is None else b.data_ptr(), y.data_ptr(), rows,
-          out_features, in_features, torch.get_num_threads()):
+    if fn(
+        x2.data_ptr(),
+        weight.data_ptr(),
+        None,
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        rows,
+        out_features,
+        in_features,
+        torch.get_num_threads(),
+    ):
         raise RuntimeError(f"qwenkit gemv rejected shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y
 
@@ -160,21 +182,47 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     lib = _lib if _tried else _load()
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    if (not lib or not x.is_cpu or not weight.is_cpu or weight.dtype != torch.int8 or not weight.is_contiguous()
-            or scale.dtype != torch.bfloat16 or scale.shape != (out_features,) or not scale.is_contiguous()
-            or not 0 < rows <= MAX_ROWS or not enabled()):
+    if (
+        not lib
+        or not x.is_cpu
+        or not weight.is_cpu
+        or weight.dtype != torch.int8
+        or not weight.is_contiguous()
+        or scale.dtype != torch.bfloat16
+        or scale.shape != (out_features,)
+        or not scale.is_contiguous()
+        or not 0 < rows <= MAX_ROWS
+        or not enabled()
+    ):
         return None
     x2 = x.float().contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    if lib.qwenkit_gemv_int8(x2.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(), rows,
-                             out_features, in_features, torch.get_num_threads()):
+    if lib.qwenkit_gemv_int8(
+        x2.data_ptr(),
+        weight.data_ptr(),
+        scale.data_ptr(),
+        None,
+        y.data_ptr(),
+        rows,
+        out_features,
+        in_features,
+        torch.get_num_threads(),
+    ):
         raise RuntimeError(f"qwenkit gemv_int8 rejected shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     valid: torch.Tensor) -> torch.Tensor | None:
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor | None:
     """One decoding step of a layer's attention, or None where the kernel does not apply.
 
     q (B, 1, H*D), k and v (B, 1, K*D): the projections of one new token per row, before RoPE;
@@ -185,11 +233,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     suffix = _SUFFIX.get(q.dtype)
     B, K, S, D = k_cache.shape
     tensors = (q, k, v, cos, sin, k_cache, v_cache)
-    if (suffix is None or not enabled() or any(t.device.type != "cpu" or t.dtype != q.dtype for t in tensors)
-            or not all(t.is_contiguous() for t in (*tensors, slots, valid)) or q.shape[:2] != (B, 1)
-            or q.shape[-1] % D or k.shape != (B, 1, K * D) or v.shape != k.shape or cos.shape != (B, 1, D)
-            or sin.shape != cos.shape or v_cache.shape != k_cache.shape or slots.dtype != torch.int64
-            or slots.shape != (B,) or valid.dtype != torch.bool or valid.shape != (B, S)):
+    if (
+        suffix is None
+        or not enabled()
+        or any(t.device.type != "cpu" or t.dtype != q.dtype for t in tensors)
+        or not all(t.is_contiguous() for t in (*tensors, slots, valid))
+        or q.shape[:2] != (B, 1)
+        or q.shape[-1] % D
+        or k.shape != (B, 1, K * D)
+        or v.shape != k.shape
+        or cos.shape != (B, 1, D)
+        or sin.shape != cos.shape
+        or v_cache.shape != k_cache.shape
+        or slots.dtype != torch.int64
+        or slots.shape != (B,)
+        or valid.dtype != torch.bool
+        or valid.shape != (B, S)
+    ):
         return None
     lib = _load()
     if lib is None:
@@ -198,10 +258,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     out = torch.empty_like(q)
     status = getattr(lib, f"qwenkit_decode_attention_{suffix}")(
         *(t.data_ptr() for t in (q, k, v, cos, sin, k_cache, v_cache, slots, valid, out)),
-        B, H, K, S, D, torch.get_num_threads())
+        B,
+        H,
+        K,
+        S,
+        D,
+        torch.get_num_threads(),
+    )
     if status != 0:
-        raise RuntimeError(f"qwenkit decode_attention rejected its inputs (status {status}): q {tuple(q.shape)}, "
-                           f"cache {tuple(k_cache.shape)}, slots {slots.tolist()}")
+        raise RuntimeError(
+            f"qwenkit decode_attention rejected its inputs (status {status}): q {tuple(q.shape)}, "
+            f"cache {tuple(k_cache.shape)}, slots {slots.tolist()}"
+        )
     return out
 
 
@@ -209,8 +277,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """qwenkit's RMSNorm for up to MAX_ROWS rows on CPU (fp32 or bf16), or None where it does not apply."""
     fn = (_lib if _tried else _load()) and _rms_norm.get(x.dtype)
     C = x.shape[-1]
-    if (not fn or not x.is_cpu or not weight.is_cpu or weight.dtype != x.dtype or weight.shape != (C,)
-            or not weight.is_contiguous() or not 0 < x.numel() <= MAX_ROWS * C or not enabled()):
+    if (
+        not fn
+        or not x.is_cpu
+        or not weight.is_cpu
+        or weight.dtype != x.dtype
+        or weight.shape != (C,)
+        or not weight.is_contiguous()
+        or not 0 < x.numel() <= MAX_ROWS * C
+        or not enabled()
+    ):
         return None
     x2 = x.contiguous()
     y = torch.empty_like(x2)
@@ -227,26 +303,43 @@ def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     if lib is None or logits.dim() != 2 or not logits.is_cpu or not logits.is_contiguous() or not enabled():
         return None
     out = torch.empty(logits.shape[0], dtype=torch.int64)
-    if getattr(lib, f"qwenkit_argmax_{suffix}")(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
-                                                  torch.get_num_threads()):
+    if getattr(lib, f"qwenkit_argmax_{suffix}")(
+        logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), torch.get_num_threads()
+    ):
         raise RuntimeError(f"qwenkit argmax rejected logits {tuple(logits.shape)}")
     return out
 
 
-LAYER_TENSORS = ("input_layernorm", "q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj",
-                 "post_attention_layernorm", "gate_proj", "up_proj", "down_proj", "k_cache", "v_cache")
+LAYER_TENSORS = (
+    "input_layernorm",
+    "q_proj",
+    "q_bias",
+    "k_proj",
+    "k_bias",
+    "v_proj",
+    "v_bias",
+    "o_proj",
+    "post_attention_layernorm",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "k_cache",
+    "v_cache",
+)
 
 
 class DecodeStack:
     """A stack of blocks checked once for decode.c, which runs a decoding step through all of them
     in one native call. Build with `DecodeStack.build`; call with each step's inputs."""
 
-    def __init__(self, fn, layers: list[tuple], dtype: torch.dtype, dims: tuple[int, ...],
-                 final_norm: torch.Tensor | None = None):
+    def __init__(
+        self, fn, layers: list[tuple], dtype: torch.dtype, dims: tuple[int, ...], final_norm: torch.Tensor | None = None
+    ):
         self._fn, self.dtype, self._dims, self.final_norm = fn, dtype, dims, final_norm
         self._layers = layers  # what the pointers point into stays alive as long as the stack
         self._pointers = (ctypes.c_void_p * (len(layers) * len(LAYER_TENSORS)))(
-            *(None if t is None else t.data_ptr() for layer in layers for t in layer))
+            *(None if t is None else t.data_ptr() for layer in layers for t in layer)
+        )
 
     @classmethod
     def build(cls, layers: list[tuple], final_norm: torch.Tensor | None = None) -> "DecodeStack | None":
@@ -263,8 +356,22 @@ class DecodeStack:
             return None
         B, K, S, D = k_cache.shape
         (HD, C), I = layers[0][1].shape, layers[0][9].shape[0]
-        shapes = ((C,), (HD, C), (HD,), (K * D, C), (K * D,), (K * D, C), (K * D,), (C, HD), (C,), (I, C), (I, C),
-                  (C, I), (B, K, S, D), (B, K, S, D))
+        shapes = (
+            (C,),
+            (HD, C),
+            (HD,),
+            (K * D, C),
+            (K * D,),
+            (K * D, C),
+            (K * D,),
+            (C, HD),
+            (C,),
+            (I, C),
+            (I, C),
+            (C, I),
+            (B, K, S, D),
+            (B, K, S, D),
+        )
         required = (0, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13)  # all but the biases
         for layer in layers:
             if len(layer) != len(shapes) or any(layer[i] is None for i in required):
@@ -272,31 +379,69 @@ class DecodeStack:
             for t, shape in zip(layer, shapes):
                 if t is not None and (t.shape != shape or t.dtype != dtype or not t.is_cpu or not t.is_contiguous()):
                     return None
-        if final_norm is not None and (final_norm.shape != (C,) or final_norm.dtype != dtype or not final_norm.is_cpu
-                                       or not final_norm.is_contiguous()):
+        if final_norm is not None and (
+            final_norm.shape != (C,)
+            or final_norm.dtype != dtype
+            or not final_norm.is_cpu
+            or not final_norm.is_contiguous()
+        ):
             return None
         lib = _load()
         if lib is None or not 0 < B <= MAX_ROWS or HD % D:
             return None
-        return cls(getattr(lib, f"qwenkit_decode_layers_{suffix}"), layers, dtype, (B, C, HD // D, K, S, D, I),
-                   final_norm)
+        return cls(
+            getattr(lib, f"qwenkit_decode_layers_{suffix}"), layers, dtype, (B, C, HD // D, K, S, D, I), final_norm
+        )
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                 valid: torch.Tensor, eps: float) -> torch.Tensor | None:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor | None:
         """x (B, 1, C): the new tokens' embeddings; cos, sin (B, 1, D): their rotary tables; slots
         (B,) and valid (B, S) as for decode_attention. Returns the last block's output (B, 1, C),
         through the final norm where the stack has one; None where these inputs do not fit it."""
         B, C, H, K, S, D, I = self._dims
-        if (x.shape != (B, 1, C) or cos.shape != (B, 1, D) or sin.shape != cos.shape or slots.shape != (B,)
-                or valid.shape != (B, S) or slots.dtype != torch.int64 or valid.dtype != torch.bool
-                or any(t.dtype != self.dtype for t in (x, cos, sin))
-                or not all(t.is_cpu and t.is_contiguous() for t in (cos, sin, slots, valid))):
+        if (
+            x.shape != (B, 1, C)
+            or cos.shape != (B, 1, D)
+            or sin.shape != cos.shape
+            or slots.shape != (B,)
+            or valid.shape != (B, S)
+            or slots.dtype != torch.int64
+            or valid.dtype != torch.bool
+            or any(t.dtype != self.dtype for t in (x, cos, sin))
+            or not all(t.is_cpu and t.is_contiguous() for t in (cos, sin, slots, valid))
+        ):
             return None
         out = x.contiguous().clone()
         norm = None if self.final_norm is None else self.final_norm.data_ptr()
-        status = self._fn(self._pointers, len(self._layers), norm, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                          slots.data_ptr(), valid.data_ptr(), B, C, H, K, S, D, I, eps, torch.get_num_threads())
+        status = self._fn(
+            self._pointers,
+            len(self._layers),
+            norm,
+            out.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            valid.data_ptr(),
+            B,
+            C,
+            H,
+            K,
+            S,
+            D,
+            I,
+            eps,
+            torch.get_num_threads(),
+        )
         if status != 0:
-            raise RuntimeError(f"qwenkit decode_layers rejected its inputs (status {status}): x {tuple(x.shape)}, "
-                               f"cache ({B}, {K}, {S}, {D}), slots {slots.tolist()}")
+            raise RuntimeError(
+                f"qwenkit decode_layers rejected its inputs (status {status}): x {tuple(x.shape)}, "
+                f"cache ({B}, {K}, {S}, {D}), slots {slots.tolist()}"
+            )
         return out

@@ -32,15 +32,25 @@ from starlette.exceptions import HTTPException
 
 from qwenkit.generate import SamplingParams
 from qwenkit.server.engine import Engine, Output, QueueFull, Request
-from qwenkit.server.schemas import (TOOL_CALL_START, APIError, ChatRequest, CompletionRequest, chat_messages,
-                                    parse_request, parse_tool_calls, parses_tools, tool_prefix)
+from qwenkit.server.schemas import (
+    TOOL_CALL_START,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_messages,
+    parse_request,
+    parse_tool_calls,
+    parses_tools,
+    tool_prefix,
+)
 from qwenkit.textgen import StopMatcher
 
 DEFAULT_MAX_BODY = 4 * 2**20
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+) -> FastAPI:
     """The FastAPI app; it starts the engine's loop on startup and stops it on shutdown.
 
     Args:
@@ -74,13 +84,19 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(Exception)
     async def server_error(_request, e: Exception):
-        return JSONResponse(APIError(500, f"Internal server error: {type(e).__name__}", "server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"Internal server error: {type(e).__name__}", "server_error").body(), status_code=500
+        )
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active": engine.active, "waiting": engine.waiting,
-                "max_batch": engine.max_batch, "max_queue": engine.max_queue}
+        return {
+            "status": "ok",
+            "active": engine.active,
+            "waiting": engine.waiting,
+            "max_batch": engine.max_batch,
+            "max_queue": engine.max_queue,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -112,10 +128,16 @@ class _RequireKey:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             given = dict(scope["headers"]).get(b"authorization")
             if given is None or not hmac.compare_digest(given, self.expected):
-                message = ("You didn't provide an API key: pass it as 'Authorization: Bearer KEY'." if given is None
-                           else "Incorrect API key provided.")
-                response = JSONResponse(APIError(401, message, code="invalid_api_key").body(), status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
+                message = (
+                    "You didn't provide an API key: pass it as 'Authorization: Bearer KEY'."
+                    if given is None
+                    else "Incorrect API key provided."
+                )
+                response = JSONResponse(
+                    APIError(401, message, code="invalid_api_key").body(),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -146,12 +168,15 @@ class _Mailbox:
 class _Run:
     """The engine requests of one API call, their outputs delivered to this call's event loop."""
 
-    def __init__(self, engine: Engine, mailbox: _Mailbox, prompts: list[list[int]], params: list[SamplingParams],
-                 stop: list[str]):
+    def __init__(
+        self, engine: Engine, mailbox: _Mailbox, prompts: list[list[int]], params: list[SamplingParams], stop: list[str]
+    ):
         self.engine = engine
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
-        self.requests = [Request(prompt, p, stop, functools.partial(self._deliver, mailbox, i))
-                         for i, (prompt, p) in enumerate(zip(prompts, params))]
+        self.requests = [
+            Request(prompt, p, stop, functools.partial(self._deliver, mailbox, i))
+            for i, (prompt, p) in enumerate(zip(prompts, params))
+        ]
 
     def _deliver(self, mailbox: _Mailbox, index: int, out: Output) -> None:
         mailbox.post(self.queue, (index, out))  # called on the engine's thread
@@ -159,13 +184,22 @@ class _Run:
     def submit(self) -> None:
         capacity = self.engine.max_batch + self.engine.max_queue
         if len(self.requests) > capacity:  # a 429 would invite retrying what can never fit
-            raise APIError(400, f"This call asks for {len(self.requests)} sequences (prompts x n); this server "
-                                f"runs and queues at most {capacity}.", param="n")
+            raise APIError(
+                400,
+                f"This call asks for {len(self.requests)} sequences (prompts x n); this server "
+                f"runs and queues at most {capacity}.",
+                param="n",
+            )
         try:
             self.engine.submit(self.requests)
         except QueueFull as e:
-            raise APIError(429, f"The server is busy ({e}); retry shortly.", "rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                f"The server is busy ({e}); retry shortly.",
+                "rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
 
     async def outputs(self) -> AsyncIterator[dict[int, Output]]:
         """Each choice's news, as it arrives; outputs queued since the last yield come merged, so a
@@ -194,8 +228,11 @@ class _EventStream(StreamingResponse):
     client gone (Starlette cancels the body iterator on http.disconnect), or failed."""
 
     def __init__(self, events: AsyncIterator[dict[str, Any]], run: _Run):
-        super().__init__(_sse(events), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            _sse(events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.run = run
 
     async def __call__(self, scope, receive, send):
@@ -228,7 +265,7 @@ class _ToolCallWatch:
         safe, hit = self.matcher.feed(text)
         self.sent += len(safe)
         if hit:
-            self.held = self.seen[self.sent:]
+            self.held = self.seen[self.sent :]
         return safe
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
@@ -253,13 +290,22 @@ class _API:
         return self._mailbox
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "qwenkit",
-                "max_model_len": self.engine.max_len}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "qwenkit",
+            "max_model_len": self.engine.max_len,
+        }
 
     def check_model(self, name: str, param: str | None = "model") -> None:
         if name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
-                           param=param, code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                param=param,
+                code="model_not_found",
+            )
 
     async def read_json(self, http: HTTPRequest) -> Any:
         length = http.headers.get("content-length", "")
@@ -276,28 +322,51 @@ class _API:
             raise APIError(400, f"The request body is not valid JSON: {e}.", code="invalid_json") from None
 
     def _too_large(self, size: int) -> APIError:
-        return APIError(413, f"The request body is {size} bytes or more; this server accepts at most "
-                             f"{self.max_body}.", code="request_too_large")
+        return APIError(
+            413,
+            f"The request body is {size} bytes or more; this server accepts at most {self.max_body}.",
+            code="request_too_large",
+        )
 
     def sampling(self, request, prompt_len: int, max_tokens: int | None, what: str) -> list[SamplingParams]:
         """Each choice's parameters: the checkpoint's generation_config.json, then the request's;
         a seeded call gives choice i the seed + i, so that its n choices differ yet reproduce."""
         limit = self.engine.max_len
         if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
-                                f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
-                           param=what, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your {what} "
+                f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+                param=what,
+                code="context_length_exceeded",
+            )
         if max_tokens is not None and prompt_len + max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
-                                f"completion). Please reduce the length of the {what} or completion.",
-                           param="max_tokens", code="context_length_exceeded")
-        overrides = {k: getattr(request, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                                      "presence_penalty", "frequency_penalty", "seed")}
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                f"completion). Please reduce the length of the {what} or completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        overrides = {
+            k: getattr(request, k)
+            for k in (
+                "temperature",
+                "top_p",
+                "top_k",
+                "min_p",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+                "seed",
+            )
+        }
         if request.temperature is not None:
             overrides["do_sample"] = request.temperature > 0
-        params = SamplingParams.from_model(self.engine.model, max_new_tokens=max_tokens or limit - prompt_len,
-                                           **overrides)
+        params = SamplingParams.from_model(
+            self.engine.model, max_new_tokens=max_tokens or limit - prompt_len, **overrides
+        )
         if params.seed is None:
             return [params] * request.n
         return [dataclasses.replace(params, seed=params.seed + i) for i in range(request.n)]
@@ -309,8 +378,9 @@ class _API:
         tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
         prefix = tool_prefix(request)
         try:  # rendering and tokenizing is CPU work: off the event loop
-            prompt = await asyncio.to_thread(self.tok.apply_chat_template, messages, tools=tools,
-                                             add_generation_prompt=True)
+            prompt = await asyncio.to_thread(
+                self.tok.apply_chat_template, messages, tools=tools, add_generation_prompt=True
+            )
         except Exception as e:  # the template's own raise_exception, or content it cannot render
             raise APIError(400, f"The chat template could not render these messages: {e}", param="messages") from None
         if prefix:
@@ -335,8 +405,14 @@ class _API:
                 if calls:
                     message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
-        return JSONResponse({**head, "object": "chat.completion", "choices": choices,
-                             "usage": _usage(len(prompt), sum(t for _, _, t in outs))})
+        return JSONResponse(
+            {
+                **head,
+                "object": "chat.completion",
+                "choices": choices,
+                "usage": _usage(len(prompt), sum(t for _, _, t in outs)),
+            }
+        )
 
     async def complete(self, http: HTTPRequest) -> Response:
         request: CompletionRequest = parse_request(CompletionRequest, await self.read_json(http))
@@ -349,16 +425,22 @@ class _API:
             all_prompts += [prompt] * request.n
         run = _Run(self.engine, self.mailbox(), all_prompts, all_params, request.stops())
         run.submit()
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
         prompt_tokens = sum(map(len, prompts))
         if request.stream:
             return _EventStream(_completion_events(run, head, prompt_tokens, request.include_usage()), run)
         outs = await _collect(http, run)
         if outs is None:
             return Response(status_code=499)
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                   for i, (text, finish, _) in enumerate(outs)]
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            for i, (text, finish, _) in enumerate(outs)
+        ]
         return JSONResponse({**head, "choices": choices, "usage": _usage(prompt_tokens, sum(t for _, _, t in outs))})
 
     def _prompts(self, prompt: str | list) -> list[list[int]]:
@@ -374,8 +456,12 @@ class _API:
         for p in prompt:
             ids = self.tok.encode(p) if isinstance(p, str) else list(p)
             if not ids:
-                raise APIError(400, "Invalid value for 'prompt': a prompt is empty (this model has no "
-                                    "beginning-of-text token to start from).", param="prompt")
+                raise APIError(
+                    400,
+                    "Invalid value for 'prompt': a prompt is empty (this model has no "
+                    "beginning-of-text token to start from).",
+                    param="prompt",
+                )
             if not all(0 <= t < vocab for t in ids):
                 raise APIError(400, f"Invalid value for 'prompt': token ids must be in [0, {vocab}).", param="prompt")
             out.append(ids)
@@ -387,8 +473,11 @@ def _no_constant(name: str):
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _server_error(out: Output) -> APIError:
@@ -425,11 +514,15 @@ async def _collect(http: HTTPRequest, run: _Run) -> list[tuple[str, str, int]] |
         run.cancel()
 
 
-async def _chat_events(run: _Run, head: dict, prompt_tokens: int, tools_on: bool, prefix: str,
-                       include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _chat_events(
+    run: _Run, head: dict, prompt_tokens: int, tools_on: bool, prefix: str, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
     def chunk(i: int, delta: dict, finish: str | None = None) -> dict[str, Any]:
-        return {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {
+            **head,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
 
     n = len(run.requests)
     watches = [_ToolCallWatch(prefix) if tools_on else None for _ in range(n)]
@@ -460,8 +553,9 @@ async def _chat_events(run: _Run, head: dict, prompt_tokens: int, tools_on: bool
         yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(prompt_tokens, sum(tokens))}
 
 
-async def _completion_events(run: _Run, head: dict, prompt_tokens: int,
-                             include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _completion_events(
+    run: _Run, head: dict, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
     tokens = [0] * len(run.requests)
     async for merged in run.outputs():
         for i, out in sorted(merged.items()):
@@ -470,7 +564,9 @@ async def _completion_events(run: _Run, head: dict, prompt_tokens: int,
                 continue
             tokens[i] = out.tokens
             if out.text or out.finish_reason:
-                yield {**head, "choices": [{"index": i, "text": out.text, "logprobs": None,
-                                            "finish_reason": out.finish_reason}]}
+                yield {
+                    **head,
+                    "choices": [{"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
+                }
     if include_usage:
         yield {**head, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))}

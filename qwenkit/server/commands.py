@@ -12,10 +12,20 @@ from typing import Literal
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def serve(*, model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-          served_model_name: str | None = None, max_body_mb: float = 4.0,
-          dtype: Literal["float32", "bfloat16"] = "float32", quantize: bool = False) -> int:
+def serve(
+    *,
+    model: str = "default",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_model_len: int | None = None,
+    served_model_name: str | None = None,
+    max_body_mb: float = 4.0,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    quantize: bool = False,
+) -> int:
     """Serve a model over the OpenAI API: /v1/chat/completions (tools, streaming), /v1/completions,
     /v1/models and /health, for the official `openai` client or anything that speaks its protocol.
 
@@ -69,7 +79,9 @@ def serve(*, model: str = "default", host: str = "127.0.0.1", port: int = 8000, 
     app = create_app(engine, name, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20))
     if host not in _LOOPBACK and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model")
-    print(f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue}, "
-          f"{engine.max_len} tokens per request)")
+    print(
+        f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue}, "
+        f"{engine.max_len} tokens per request)"
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

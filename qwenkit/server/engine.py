@@ -27,8 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwenkit.generate import (ContextLengthError, SamplingParams, apply_output_penalties, apply_repetition_penalty,
-                              context_length, sample)
+from qwenkit.generate import (
+    ContextLengthError,
+    SamplingParams,
+    apply_output_penalties,
+    apply_repetition_penalty,
+    context_length,
+    sample,
+)
 from qwenkit.model import KVCache, QwenForCausalLM
 from qwenkit.textgen import Completion, StopMatcher
 from qwenkit.tokenizer import StreamDecoder, Tokenizer
@@ -98,8 +104,14 @@ class Engine:
             most 4096, since the cache for every row is allocated up front.
     """
 
-    def __init__(self, model: QwenForCausalLM, tok: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None):
+    def __init__(
+        self,
+        model: QwenForCausalLM,
+        tok: Tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_model_len: int | None = None,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tok = model, tok
@@ -169,8 +181,10 @@ class Engine:
         with self._cond:
             if self._occupied + len(self._waiting) + len(requests) > self.max_batch + self.max_queue:
                 self.stats["rejected"] += len(requests)
-                raise QueueFull(f"{self._occupied} requests running and {len(self._waiting)} waiting; "
-                                f"the queue holds {self.max_queue}")
+                raise QueueFull(
+                    f"{self._occupied} requests running and {len(self._waiting)} waiting; "
+                    f"the queue holds {self.max_queue}"
+                )
             self._waiting.extend(requests)
             self.stats["requests"] += len(requests)
             self._cond.notify_all()
@@ -184,8 +198,9 @@ class Engine:
                 self._emit(request, Output(finish_reason="cancelled"), "cancelled")
             self._cond.notify_all()
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
-                 timeout: float | None = None) -> Completion:
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, stop: Sequence[str] = (), timeout: float | None = None
+    ) -> Completion:
         """Run one request to the end and return its completion (blocking; not on the engine's thread).
 
         Args:
@@ -207,8 +222,12 @@ class Engine:
         if not done.wait(timeout):
             self.cancel(request)
             raise TimeoutError(f"the request did not finish in {timeout} s")
-        return Completion(text="".join(text), token_ids=list(request.token_ids),
-                          finish_reason=request.finish_reason, prompt_tokens=len(request.prompt))
+        return Completion(
+            text="".join(text),
+            token_ids=list(request.token_ids),
+            finish_reason=request.finish_reason,
+            prompt_tokens=len(request.prompt),
+        )
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -251,10 +270,13 @@ class Engine:
             request = self._waiting.popleft()
             p = request.params
             self.slots[b] = _Slot(
-                request=request, budget=min(p.max_new_tokens, self.max_len - len(request.prompt)),
-                decoder=StreamDecoder(self.tok), matcher=StopMatcher(request.stop),
+                request=request,
+                budget=min(p.max_new_tokens, self.max_len - len(request.prompt)),
+                decoder=StreamDecoder(self.tok),
+                matcher=StopMatcher(request.stop),
                 generator=torch.Generator(device=self.model.device).manual_seed(p.seed) if p.seed is not None else None,
-                eos=frozenset(p.eos_token_id))
+                eos=frozenset(p.eos_token_id),
+            )
             self._occupied += 1
             joined.append(b)
         return joined
@@ -273,7 +295,7 @@ class Engine:
             ids = torch.tensor([prompt], device=self.model.device)  # (1, T)
             last.append(self.model.hidden_states(ids, cache=self.cache.rows(b, b + 1))[:, -1])  # (1, C)
             self.seen[b].fill_(prompt[0])
-            self.seen[b, :len(prompt)] = ids[0]
+            self.seen[b, : len(prompt)] = ids[0]
             self.seen_len[b] = len(prompt)
             if self.counts is not None:
                 self.counts[b].zero_()
@@ -289,8 +311,12 @@ class Engine:
             tokens[b, 0] = self.slots[b].last
             mask[b, 0] = 1
         device = self.model.device
-        out = self.model(tokens.to(device), attention_mask=None if len(rows) == hi else mask.to(device),
-                         cache=self.cache.rows(0, hi), logits_to_keep=1)
+        out = self.model(
+            tokens.to(device),
+            attention_mask=None if len(rows) == hi else mask.to(device),
+            cache=self.cache.rows(0, hi),
+            logits_to_keep=1,
+        )
         self.stats["steps"] += 1
         logits = out.logits[:, -1] if len(rows) == hi else out.logits[rows, -1]  # (len(rows), vocab)
         self._sample_and_emit(rows, logits)
@@ -303,10 +329,12 @@ class Engine:
         params = [self.slots[b].request.params for b in rows]
         for penalty, idx in _groups(params, lambda p: p.repetition_penalty if p.repetition_penalty != 1.0 else None):
             picked = [rows[i] for i in idx]
-            seen = self.seen[picked, :max(self.seen_len[b] for b in picked)]  # (n, L)
+            seen = self.seen[picked, : max(self.seen_len[b] for b in picked)]  # (n, L)
             logits = _update(logits, idx, lambda x: apply_repetition_penalty(x, seen, penalty))
-        for _, idx in _groups(params, lambda p: (p.presence_penalty, p.frequency_penalty)
-                              if p.presence_penalty or p.frequency_penalty else None):
+        for _, idx in _groups(
+            params,
+            lambda p: (p.presence_penalty, p.frequency_penalty) if p.presence_penalty or p.frequency_penalty else None,
+        ):
             if self.counts is None:
                 self.counts = torch.zeros(self.max_batch, logits.shape[-1], device=logits.device)
             counts = self.counts[[rows[i] for i in idx]]
@@ -318,7 +346,7 @@ class Engine:
             tokens[_index(idx, n)] = sample(logits[_index(idx, n)], params[idx[0]])
         for i, b in enumerate(rows):
             if params[i].seed is not None and params[i].do_sample:
-                tokens[i] = sample(logits[i:i + 1], params[i], self.slots[b].generator)[0]
+                tokens[i] = sample(logits[i : i + 1], params[i], self.slots[b].generator)[0]
         for b, token in zip(rows, tokens.tolist()):
             self._advance(b, token)
 

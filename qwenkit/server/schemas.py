@@ -34,8 +34,15 @@ class APIError(Exception):
         headers: extra response headers (Retry-After on a 429).
     """
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -165,8 +172,12 @@ def _as_api_error(error: dict[str, Any]) -> APIError:
     if error["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if error["type"].endswith("_type") or error["type"] in ("model_type", "model_attributes_type"):
-        return APIError(400, f"Invalid type for '{param}': {error['msg']}, but got {_json_type(error['input'])}.",
-                        param=param, code="invalid_type")
+        return APIError(
+            400,
+            f"Invalid type for '{param}': {error['msg']}, but got {_json_type(error['input'])}.",
+            param=param,
+            code="invalid_type",
+        )
     return APIError(400, f"Invalid value for '{param}': {error['msg']}.", param=param, code="invalid_value")
 
 
@@ -188,8 +199,15 @@ def _param(loc: tuple) -> str:
 
 
 def _json_type(value: Any) -> str:
-    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
-             dict: "an object", type(None): "null"}
+    names = {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        list: "an array",
+        dict: "an object",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -200,8 +218,11 @@ def _refuse_unsupported(request: _Sampling) -> None:
         raise APIError(400, "logit_bias is not supported by this server.", param="logit_bias")
     if isinstance(request, ChatRequest):
         if request.response_format and request.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported by this server "
-                                "(it would need constrained decoding).", param="response_format")
+            raise APIError(
+                400,
+                "response_format other than text is not supported by this server (it would need constrained decoding).",
+                param="response_format",
+            )
     elif isinstance(request, CompletionRequest):
         if request.echo:
             raise APIError(400, "echo is not supported by this server.", param="echo")
@@ -221,14 +242,25 @@ def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
             content = "".join(part.text for part in content)
         if content is None:
             if m.role != "assistant" or not m.tool_calls:
-                raise APIError(400, f"Missing required parameter: 'messages[{i}].content'.",
-                               param=f"messages[{i}].content", code="missing_required_parameter")
+                raise APIError(
+                    400,
+                    f"Missing required parameter: 'messages[{i}].content'.",
+                    param=f"messages[{i}].content",
+                    code="missing_required_parameter",
+                )
             content = ""
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.role == "assistant" and m.tool_calls:
-            message["tool_calls"] = [{"type": "function", "function": {
-                "name": call.function.name, "arguments": _arguments(call.function.arguments, f"messages[{i}]")}}
-                for call in m.tool_calls]
+            message["tool_calls"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments, f"messages[{i}]"),
+                    },
+                }
+                for call in m.tool_calls
+            ]
         out.append(message)
     return out
 
@@ -241,8 +273,11 @@ def _arguments(arguments: str | dict[str, Any], where: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise APIError(400, f"Invalid value for '{where}.tool_calls': function arguments must be a JSON object.",
-                       param=f"{where}.tool_calls")
+        raise APIError(
+            400,
+            f"Invalid value for '{where}.tool_calls': function arguments must be a JSON object.",
+            param=f"{where}.tool_calls",
+        )
     return value
 
 
@@ -259,8 +294,12 @@ def tool_prefix(request: ChatRequest) -> str:
         return "<tool_call>\n"
     names = [t.function.name for t in request.tools]
     if choice.function.name not in names:
-        raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not among the "
-                            f"tools ({', '.join(names)}).", param="tool_choice")
+        raise APIError(
+            400,
+            f"tool_choice names the function {choice.function.name!r}, which is not among the "
+            f"tools ({', '.join(names)}).",
+            param="tool_choice",
+        )
     return '<tool_call>\n{"name": ' + json.dumps(choice.function.name) + ', "arguments": '
 
 
@@ -296,7 +335,12 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         arguments = call.get("arguments", {})
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, ensure_ascii=False)
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"], "arguments": arguments}})
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": arguments},
+            }
+        )
     content = _TOOL_CALL.sub("", text).strip()
     return content or None, calls

@@ -21,8 +21,19 @@ from qwenkit.tasks import metrics, sandbox
 from qwenkit.tasks.common import Messages, chat
 from qwenkit.tokenizer import Tokenizer
 
-LANG_ALIASES = {"py": "python", "python3": "python", "js": "javascript", "node": "javascript", "ts": "typescript",
-                "c++": "cpp", "cxx": "cpp", "sh": "bash", "shell": "bash", "golang": "go", "rs": "rust"}
+LANG_ALIASES = {
+    "py": "python",
+    "python3": "python",
+    "js": "javascript",
+    "node": "javascript",
+    "ts": "typescript",
+    "c++": "cpp",
+    "cxx": "cpp",
+    "sh": "bash",
+    "shell": "bash",
+    "golang": "go",
+    "rs": "rust",
+}
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```", re.MULTILINE | re.DOTALL)
 
 
@@ -32,8 +43,10 @@ def normalize_lang(lang: str) -> str:
 
 
 def system_prompt(lang: str) -> str:
-    return (f"You are an expert {lang} programmer. Reply with the complete solution in a single ```{lang} code "
-            f"block, with every import it needs and no example usage or tests, and nothing after the block.")
+    return (
+        f"You are an expert {lang} programmer. Reply with the complete solution in a single ```{lang} code "
+        f"block, with every import it needs and no example usage or tests, and nothing after the block."
+    )
 
 
 def extract_code(reply: str, lang: str = "python") -> str:
@@ -43,12 +56,15 @@ def extract_code(reply: str, lang: str = "python") -> str:
     lang = normalize_lang(lang)
     blocks = [(normalize_lang(tag) if tag else "", body) for tag, body in _FENCE.findall(reply)]
     if blocks:
-        chosen = ([body for tag, body in blocks if tag == lang] or [body for tag, body in blocks if not tag]
-                  or [max((body for _, body in blocks), key=len)])
+        chosen = (
+            [body for tag, body in blocks if tag == lang]
+            or [body for tag, body in blocks if not tag]
+            or [max((body for _, body in blocks), key=len)]
+        )
         return "\n\n".join(b.strip("\n") for b in chosen).strip("\n") + "\n"
     opened = re.search(r"^[ \t]*```[^\n]*\n", reply, re.MULTILINE)
     if opened:
-        return reply[opened.end():].strip("\n") + "\n"
+        return reply[opened.end() :].strip("\n") + "\n"
     text = reply.strip("\n")
     if not text.strip():
         return ""
@@ -96,15 +112,24 @@ class CodeResult:
 def feedback(attempt: Attempt) -> str:
     """The repair request: what went wrong, in the sandbox's words."""
     if not attempt.code.strip():
-        return ("Your reply had no code block. Reply with the complete solution in a single ```python code block.")
+        return "Your reply had no code block. Reply with the complete solution in a single ```python code block."
     r = attempt.result
     output = (r.stderr.strip() or r.stdout.strip())[-2000:] if r else ""
-    return (f"The code failed the tests ({r.summary() if r else 'no result'}).\n```\n{output}\n```\n"
-            "Fix it. Reply with the complete corrected solution in a single ```python code block.")
+    return (
+        f"The code failed the tests ({r.summary() if r else 'no result'}).\n```\n{output}\n```\n"
+        "Fix it. Reply with the complete corrected solution in a single ```python code block."
+    )
 
 
-def solve(generate: Callable[[Messages], str], task: str, lang: str = "python", tests: str | None = None,
-          entry_point: str | None = None, repair: int = 0, timeout: float = 10.0) -> CodeResult:
+def solve(
+    generate: Callable[[Messages], str],
+    task: str,
+    lang: str = "python",
+    tests: str | None = None,
+    entry_point: str | None = None,
+    repair: int = 0,
+    timeout: float = 10.0,
+) -> CodeResult:
     """Generate code for a task and, given tests, run them; on failure, up to `repair` more rounds
     with the failure fed back.
 
@@ -138,13 +163,22 @@ def solve(generate: Callable[[Messages], str], task: str, lang: str = "python", 
     return CodeResult(attempts[-1].code, attempts)
 
 
-def generate_code(model: QwenForCausalLM, tok: Tokenizer, task: str, params: SamplingParams, lang: str = "python",
-                  tests: str | None = None, entry_point: str | None = None, repair: int = 0,
-                  timeout: float = 10.0) -> CodeResult:
+def generate_code(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    task: str,
+    params: SamplingParams,
+    lang: str = "python",
+    tests: str | None = None,
+    entry_point: str | None = None,
+    repair: int = 0,
+    timeout: float = 10.0,
+) -> CodeResult:
     """`solve` with the model writing the replies. Args as `solve`, plus the model, tokenizer and
     sampling parameters."""
-    return solve(lambda messages: chat(model, tok, [messages], params)[0].text, task, lang, tests, entry_point,
-                 repair, timeout)
+    return solve(
+        lambda messages: chat(model, tok, [messages], params)[0].text, task, lang, tests, entry_point, repair, timeout
+    )
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -154,9 +188,14 @@ REQUIRED = ("task_id", "prompt", "test", "entry_point")
 
 def humaneval_messages(prompt: str) -> Messages:
     """The chat that asks a chat model to complete a HumanEval prompt."""
-    return [{"role": "system", "content": system_prompt("python")},
-            {"role": "user", "content": "Complete the following Python function. Reply with the whole function, "
-                                        f"its signature included.\n```python\n{prompt.strip()}\n```"}]
+    return [
+        {"role": "system", "content": system_prompt("python")},
+        {
+            "role": "user",
+            "content": "Complete the following Python function. Reply with the whole function, "
+            f"its signature included.\n```python\n{prompt.strip()}\n```",
+        },
+    ]
 
 
 def completion_from_reply(reply: str, entry_point: str) -> str:
@@ -168,14 +207,28 @@ def completion_from_reply(reply: str, entry_point: str) -> str:
     return code
 
 
-def predict(model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams,
-            batch_size: int = 8, samples: int = 1) -> list[dict]:
+def predict(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    rows: Sequence[dict],
+    params: SamplingParams,
+    batch_size: int = 8,
+    samples: int = 1,
+) -> list[dict]:
     """`samples` records per problem, each with its `prediction` (the completion) and the `reply`."""
     jobs = [row for row in rows for _ in range(samples)]
     done = chat(model, tok, [humaneval_messages(r["prompt"]) for r in jobs], params, batch_size, desc="generating")
-    return [{"task_id": r["task_id"], "prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
-             "prediction": completion_from_reply(c.text, r["entry_point"]), "reply": c.text}
-            for r, c in zip(jobs, done)]
+    return [
+        {
+            "task_id": r["task_id"],
+            "prompt": r["prompt"],
+            "test": r["test"],
+            "entry_point": r["entry_point"],
+            "prediction": completion_from_reply(c.text, r["entry_point"]),
+            "reply": c.text,
+        }
+        for r, c in zip(jobs, done)
+    ]
 
 
 def score(records: Sequence[dict], timeout: float = 10.0, workers: int = 2, **_) -> tuple[dict, list[dict]]:
@@ -186,8 +239,9 @@ def score(records: Sequence[dict], timeout: float = 10.0, workers: int = 2, **_)
         return sandbox.run_tests(r["prompt"] + str(r["prediction"] or ""), r["test"], r["entry_point"], timeout=timeout)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(tqdm(pool.map(run, records), total=len(records), desc="testing", unit="program",
-                            disable=not records))
+        results = list(
+            tqdm(pool.map(run, records), total=len(records), desc="testing", unit="program", disable=not records)
+        )
     out, by_task = [], {}
     for r, res in zip(records, results):
         by_task.setdefault(r["task_id"], []).append(res.passed)
@@ -195,5 +249,9 @@ def score(records: Sequence[dict], timeout: float = 10.0, workers: int = 2, **_)
     samples = {len(v) for v in by_task.values()}
     # HumanEval's k of 1, 10 and 100, and k = n (any sample passes) when n is none of them.
     ks = sorted({1, 10, 100, min(samples, default=1)})
-    return {**metrics.mean_pass_at_k(by_task, ks), "problems": len(by_task), "samples_per_problem":
-            samples.pop() if len(samples) == 1 else sorted(samples), "count": len(records)}, out
+    return {
+        **metrics.mean_pass_at_k(by_task, ks),
+        "problems": len(by_task),
+        "samples_per_problem": samples.pop() if len(samples) == 1 else sorted(samples),
+        "count": len(records),
+    }, out

@@ -38,9 +38,16 @@ def _sampling(m, max_new_tokens: int, temperature: float | None, seed: int | Non
         raise _user_error(f"--temperature: {e}") from None
 
 
-def write(prompt: str, *, model: str = "default", style: Literal["continue", "story", "news", "dialogue"] = "continue",
-          max_new_tokens: int = 256, temperature: float | None = None, seed: int | None = None,
-          dtype: Dtype = "float32") -> int:
+def write(
+    prompt: str,
+    *,
+    model: str = "default",
+    style: Literal["continue", "story", "news", "dialogue"] = "continue",
+    max_new_tokens: int = 256,
+    temperature: float | None = None,
+    seed: int | None = None,
+    dtype: Dtype = "float32",
+) -> int:
     """Write with the model: continue a text, or write a story, a news article or a dialogue from a prompt.
 
     Sampling follows the checkpoint's generation_config.json (creative writing is sampled); pass
@@ -64,8 +71,17 @@ def write(prompt: str, *, model: str = "default", style: Literal["continue", "st
     return 0
 
 
-def qa(question: str, *, model: str = "default", context: list[str] | None = None, top_k: int = 3, max_new_tokens: int = 128,
-       temperature: float | None = None, seed: int | None = None, dtype: Dtype = "float32") -> int:
+def qa(
+    question: str,
+    *,
+    model: str = "default",
+    context: list[str] | None = None,
+    top_k: int = 3,
+    max_new_tokens: int = 128,
+    temperature: float | None = None,
+    seed: int | None = None,
+    dtype: Dtype = "float32",
+) -> int:
     """Answer a question, closed-book or from given documents, citing the passages the answer used.
 
     With --context, the documents are split into passages; when there are more than --top-k of them,
@@ -103,9 +119,18 @@ def qa(question: str, *, model: str = "default", context: list[str] | None = Non
     return 0
 
 
-def translate(text: str, *, model: str = "default", to: str, from_: str | None = None, batch_size: int = 8,
-              max_new_tokens: int = 256, temperature: float | None = None, seed: int | None = None,
-              dtype: Dtype = "float32") -> int:
+def translate(
+    text: str,
+    *,
+    model: str = "default",
+    to: str,
+    from_: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float | None = None,
+    seed: int | None = None,
+    dtype: Dtype = "float32",
+) -> int:
     """Translate text into another language; prints the translation only.
 
     Languages are codes or names as people write them (fr, fra, French, français, pt-BR, 中文). Without
@@ -143,9 +168,17 @@ def translate(text: str, *, model: str = "default", to: str, from_: str | None =
     return 0
 
 
-def sentiment(text: str | None = None, *, model: str = "default", labels: str = "positive,negative,neutral",
-              input: str | None = None, output: str | None = None, batch_size: int = 8, calibrate: bool = False,
-              dtype: Dtype = "float32") -> int:
+def sentiment(
+    text: str | None = None,
+    *,
+    model: str = "default",
+    labels: str = "positive,negative,neutral",
+    input: str | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
+    calibrate: bool = False,
+    dtype: Dtype = "float32",
+) -> int:
     """Classify the sentiment of a text, or of every row of a JSONL file, with the labels' probabilities.
 
     Each label is scored by its log-likelihood as the assistant's reply under the chat template, and
@@ -178,7 +211,7 @@ def sentiment(text: str | None = None, *, model: str = "default", labels: str = 
             raise _user_error(str(e)) from None
         bad = [n for n, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)]
         if bad:
-            raise _user_error(f"{input}: row(s) {', '.join(map(str, bad[:5]))} have no \"text\" string")
+            raise _user_error(f'{input}: row(s) {", ".join(map(str, bad[:5]))} have no "text" string')
     m, tok = _load(model, dtype)
     if rows is None:
         result = task.classify(m, tok, [text], names, calibrate=calibrate)[0]
@@ -197,9 +230,20 @@ def sentiment(text: str | None = None, *, model: str = "default", labels: str = 
     return 0
 
 
-def code(task: str, *, model: str = "default", lang: str = "python", test: str | None = None, entry_point: str | None = None,
-         repair: int = 0, max_new_tokens: int = 512, timeout: float = 10.0, temperature: float | None = None,
-         seed: int | None = None, dtype: Dtype = "float32") -> int:
+def code(
+    task: str,
+    *,
+    model: str = "default",
+    lang: str = "python",
+    test: str | None = None,
+    entry_point: str | None = None,
+    repair: int = 0,
+    max_new_tokens: int = 512,
+    timeout: float = 10.0,
+    temperature: float | None = None,
+    seed: int | None = None,
+    dtype: Dtype = "float32",
+) -> int:
     """Generate code for a task; with --test, run the tests in the sandbox, and with --repair N, feed
     failures back and retry up to N times.
 
@@ -240,8 +284,11 @@ def code(task: str, *, model: str = "default", lang: str = "python", test: str |
     params = _sampling(m, max_new_tokens, temperature, seed)
     result = app.generate_code(m, tok, task, params, lang, tests, entry_point, repair, timeout)
     for n, attempt in enumerate(result.attempts, 1):
-        found = (f"code found ({len(attempt.code.splitlines())} lines)" if attempt.code.strip()
-                 else "no code found in the reply")
+        found = (
+            f"code found ({len(attempt.code.splitlines())} lines)"
+            if attempt.code.strip()
+            else "no code found in the reply"
+        )
         outcome = f"; tests {attempt.result.summary()}" if attempt.result is not None else ""
         print(f"attempt {n}: {found}{outcome}", file=sys.stderr)
     if result.code.strip():
@@ -254,10 +301,22 @@ def code(task: str, *, model: str = "default", lang: str = "python", test: str |
     return 0 if result.passed else 1
 
 
-def eval_(task: Literal["sentiment", "qa", "translate", "code", "write"], *, data: str | None = None,
-          model: str | None = None, predictions: str | None = None, limit: int | None = None, output: str | None = None,
-          batch_size: int = 8, max_new_tokens: int | None = None, temperature: float | None = None, samples: int = 1,
-          timeout: float = 10.0, seed: int | None = None, dtype: Dtype = "float32") -> int:
+def eval_(
+    task: Literal["sentiment", "qa", "translate", "code", "write"],
+    *,
+    data: str | None = None,
+    model: str | None = None,
+    predictions: str | None = None,
+    limit: int | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    samples: int = 1,
+    timeout: float = 10.0,
+    seed: int | None = None,
+    dtype: Dtype = "float32",
+) -> int:
     """Evaluate a task with its standard metric: generate with --model then score, or score
     --predictions made elsewhere (no model needed; given both, the model only scores, as write's
     reference perplexity needs).
@@ -295,9 +354,21 @@ def eval_(task: Literal["sentiment", "qa", "translate", "code", "write"], *, dat
     if model is not None:
         m, tok = _load(model, dtype)
     try:
-        result = evaluate(task, data, model=m, tok=tok, predictions=predictions, limit=limit, output=output,
-                          batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                          samples=samples, timeout=timeout, seed=seed)
+        result = evaluate(
+            task,
+            data,
+            model=m,
+            tok=tok,
+            predictions=predictions,
+            limit=limit,
+            output=output,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            samples=samples,
+            timeout=timeout,
+            seed=seed,
+        )
     except ValueError as e:
         raise _user_error(str(e)) from None
     print(json.dumps(result, indent=2, ensure_ascii=False))

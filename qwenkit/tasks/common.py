@@ -20,8 +20,13 @@ from qwenkit.tokenizer import Tokenizer
 Messages = list[dict[str, Any]]
 
 
-def sampling(model: QwenForCausalLM, max_new_tokens: int, temperature: float | None = None,
-             seed: int | None = None, greedy: bool = True) -> SamplingParams:
+def sampling(
+    model: QwenForCausalLM,
+    max_new_tokens: int,
+    temperature: float | None = None,
+    seed: int | None = None,
+    greedy: bool = True,
+) -> SamplingParams:
     """The checkpoint's generation defaults, greedy unless asked otherwise: answers to translate, QA and
     code tasks are scored against references, and greedy decoding is how they are evaluated."""
     overrides: dict[str, Any] = {"max_new_tokens": max_new_tokens, "seed": seed}
@@ -34,15 +39,22 @@ def sampling(model: QwenForCausalLM, max_new_tokens: int, temperature: float | N
     return SamplingParams.from_model(model, **overrides)
 
 
-def chat(model: QwenForCausalLM, tok: Tokenizer, conversations: Sequence[Messages], params: SamplingParams,
-         batch_size: int = 8, stop: Sequence[str] = (), desc: str | None = None) -> list[Completion]:
+def chat(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    conversations: Sequence[Messages],
+    params: SamplingParams,
+    batch_size: int = 8,
+    stop: Sequence[str] = (),
+    desc: str | None = None,
+) -> list[Completion]:
     """Complete many conversations, `batch_size` at a time, with a progress bar when `desc` is given."""
     from tqdm import tqdm
 
     out: list[Completion] = []
     with tqdm(total=len(conversations), desc=desc, unit="prompt", disable=desc is None or not conversations) as bar:
         for start in range(0, len(conversations), batch_size):
-            batch = conversations[start:start + batch_size]
+            batch = conversations[start : start + batch_size]
             out += complete(model, tok, batch, params, stop=stop)
             bar.update(len(batch))
     return out
@@ -57,17 +69,21 @@ def answer_ids(tok: Tokenizer, messages: Messages, answer: str) -> tuple[list[in
     full = tok.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the answer's prefix differently from the generation prompt")
-    tail = full[len(prompt):].rstrip()  # the template's newline after the end-of-turn token is no answer
+    tail = full[len(prompt) :].rstrip()  # the template's newline after the end-of-turn token is no answer
     prompt_ids, full_ids = tok.encode(prompt), tok.encode(prompt + tail)
-    if full_ids[:len(prompt_ids)] == prompt_ids:
-        return prompt_ids, full_ids[len(prompt_ids):]
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids) :]
     return prompt_ids, tok.encode(tail)  # a BPE merge across the boundary (not with ChatML): encode apart
 
 
 @torch.inference_mode()
-def continuation_logprobs(model: QwenForCausalLM, prefixes: Sequence[Sequence[int]],
-                          continuations: Sequence[Sequence[int]], batch_size: int = 8,
-                          pad_id: int = 0) -> list[float]:
+def continuation_logprobs(
+    model: QwenForCausalLM,
+    prefixes: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> list[float]:
     """log p(continuation | prefix), summed over the continuation's tokens, for each pair.
 
     Rows are right-padded into batches; the LM head runs only on the positions that predict a
@@ -79,23 +95,25 @@ def continuation_logprobs(model: QwenForCausalLM, prefixes: Sequence[Sequence[in
     head: Callable = model.lm_head if model.lm_head is not None else (lambda h: linear(h, model.output_weight()))
     scores: list[float] = []
     for start in range(0, len(prefixes), batch_size):
-        rows = [(list(p), list(c)) for p, c in zip(prefixes[start:start + batch_size],
-                                                    continuations[start:start + batch_size])]
+        rows = [
+            (list(p), list(c))
+            for p, c in zip(prefixes[start : start + batch_size], continuations[start : start + batch_size])
+        ]
         width = max(len(p) + len(c) for p, c in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (p, c) in enumerate(rows):
             if not p:
                 raise ValueError("a continuation needs a non-empty prefix to be predicted from")
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, :len(p) + len(c)] = 1
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
         hidden = model.hidden_states(ids.to(model.device), mask.to(model.device))  # (B, T, C)
         for i, (p, c) in enumerate(rows):
             if not c:
                 scores.append(0.0)
                 continue
             # Position t predicts token t+1: the continuation's tokens are predicted from len(p)-1 on.
-            logits = head(hidden[i, len(p) - 1:len(p) + len(c) - 1]).float()  # (len(c), vocab)
+            logits = head(hidden[i, len(p) - 1 : len(p) + len(c) - 1]).float()  # (len(c), vocab)
             targets = torch.tensor(c, device=logits.device)
             scores.append(logits.log_softmax(-1).gather(-1, targets[:, None]).sum().item())
     return scores
@@ -112,14 +130,19 @@ def defuse(tok: Tokenizer, text: str) -> str:
 
 _PREAMBLE = re.compile(
     r"^\s*(sure|certainly|of course|okay|ok|absolutely|here('s| is| are)|below is|the (following|translation)"
-    r"|translation|translated)\b", re.IGNORECASE)
+    r"|translation|translated)\b",
+    re.IGNORECASE,
+)
 
 
 def strip_preamble(reply: str) -> str:
     """A reply without the chatty lead-in models put before the content ("Sure! Here's the ...:")."""
     lines = reply.strip().splitlines()
-    while len(lines) > 1 and (not lines[0].strip() or (_PREAMBLE.match(lines[0]) and lines[0].rstrip().endswith(":"))
-                              or re.fullmatch(r"\s*(sure|certainly|of course|okay)[!.,]?\s*", lines[0], re.I)):
+    while len(lines) > 1 and (
+        not lines[0].strip()
+        or (_PREAMBLE.match(lines[0]) and lines[0].rstrip().endswith(":"))
+        or re.fullmatch(r"\s*(sure|certainly|of course|okay)[!.,]?\s*", lines[0], re.I)
+    ):
         lines.pop(0)
     return "\n".join(lines).strip()
 

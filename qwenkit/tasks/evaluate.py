@@ -31,8 +31,9 @@ def check_rows(task: str, rows: Sequence[dict], what: str) -> None:
     for n, row in enumerate(rows, 1):
         missing = [f for f in required if f not in row]
         if missing:
-            raise ValueError(f"{what}, row {n}: missing {', '.join(missing)} (a {task} row needs "
-                             f"{', '.join(required)})")
+            raise ValueError(
+                f"{what}, row {n}: missing {', '.join(missing)} (a {task} row needs {', '.join(required)})"
+            )
 
 
 def join_predictions(task: str, data: Sequence[dict], predictions: Sequence[dict]) -> list[dict]:
@@ -65,10 +66,22 @@ def join_predictions(task: str, data: Sequence[dict], predictions: Sequence[dict
     return [{**row, **p} for row, p in zip(data, preds)]
 
 
-def evaluate(task: str, data: str | Path | None = None, *, model=None, tok=None, predictions: str | Path | None = None,
-             limit: int | None = None, output: str | Path | None = None, batch_size: int = 8,
-             max_new_tokens: int | None = None, temperature: float | None = None, samples: int = 1,
-             timeout: float = 10.0, seed: int | None = None) -> dict:
+def evaluate(
+    task: str,
+    data: str | Path | None = None,
+    *,
+    model=None,
+    tok=None,
+    predictions: str | Path | None = None,
+    limit: int | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    samples: int = 1,
+    timeout: float = 10.0,
+    seed: int | None = None,
+) -> dict:
     """Score a task, from predictions or by generating them; write predictions.jsonl and metrics.json.
 
     Args:
@@ -95,8 +108,10 @@ def evaluate(task: str, data: str | Path | None = None, *, model=None, tok=None,
     data_path = Path(data) if data is not None else sample_data(task)
     preds = None
     if predictions is not None:
-        preds = [{**p, "prediction": p["completion"]} if "prediction" not in p and "completion" in p else p
-                 for p in read_jsonl(predictions)]
+        preds = [
+            {**p, "prediction": p["completion"]} if "prediction" not in p and "completion" in p else p
+            for p in read_jsonl(predictions)
+        ]
         if not preds:
             raise ValueError(f"{predictions}: no predictions in the file")
     # Predictions that carry the task's fields are scored as they are; only then is --data not needed.
@@ -138,8 +153,12 @@ def evaluate(task: str, data: str | Path | None = None, *, model=None, tok=None,
     out = Path(output) if output is not None else Path(f"eval-{task}")
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "predictions.jsonl", scored)
-    result = {"task": task, "data": None if standalone and data is None else str(data_path),
-              "predictions": str(predictions) if predictions else None,
-              **scores, "seconds": round(time.time() - started, 2)}
+    result = {
+        "task": task,
+        "data": None if standalone and data is None else str(data_path),
+        "predictions": str(predictions) if predictions else None,
+        **scores,
+        "seconds": round(time.time() - started, 2),
+    }
     (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result

@@ -66,6 +66,7 @@ def squad(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict:
 
 # ---- translation: sacreBLEU --------------------------------------------------------------------------
 
+
 def _reference_streams(references: Sequence[str | Sequence[str]]) -> list[list[str | None]]:
     """Per-segment references (a string, or a list of several) as sacreBLEU's reference streams; a
     segment with fewer references than the most is padded with None, which sacreBLEU skips."""
@@ -87,8 +88,14 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], t
     _same_length(hypotheses, references)
     metric = BLEU(tokenize=tokenize) if tokenize else BLEU()
     score = metric.corpus_score(list(hypotheses), _reference_streams(references))
-    return {"score": score.score, "precisions": list(score.precisions), "bp": score.bp,
-            "sys_len": score.sys_len, "ref_len": score.ref_len, "signature": str(metric.get_signature())}
+    return {
+        "score": score.score,
+        "precisions": list(score.precisions),
+        "bp": score.bp,
+        "sys_len": score.sys_len,
+        "ref_len": score.ref_len,
+        "signature": str(metric.get_signature()),
+    }
 
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
@@ -107,6 +114,7 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -
 
 
 # ---- code: pass@k ------------------------------------------------------------------------------------
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """HumanEval's unbiased estimator of pass@k from n samples of which c are correct:
@@ -138,11 +146,15 @@ def mean_pass_at_k(results: Mapping[str, Sequence[bool]], ks: Iterable[int] = (1
     if not results:
         return {"pass@1": 0.0}
     fewest = min(len(r) for r in results.values())
-    return {f"pass@{k}": sum(pass_at_k(len(r), sum(map(bool, r)), k) for r in results.values()) / len(results)
-            for k in ks if k <= fewest}
+    return {
+        f"pass@{k}": sum(pass_at_k(len(r), sum(map(bool, r)), k) for r in results.values()) / len(results)
+        for k in ks
+        if k <= fewest
+    }
 
 
 # ---- classification ----------------------------------------------------------------------------------
+
 
 def accuracy(gold: Sequence[str], predicted: Sequence[str]) -> float:
     """The fraction of predictions equal to the gold label."""
@@ -154,8 +166,9 @@ def _labels(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
     return list(labels) if labels is not None else sorted(set(gold) | set(predicted))
 
 
-def per_label_f1(gold: Sequence[str], predicted: Sequence[str],
-                 labels: Sequence[str] | None = None) -> dict[str, float]:
+def per_label_f1(
+    gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str] | None = None
+) -> dict[str, float]:
     """F1 of each label, one-vs-rest; a label never predicted nor gold scores 0 (scikit-learn's
     zero_division=0)."""
     _same_length(gold, predicted)
@@ -199,6 +212,7 @@ def confusion_matrix(gold: Sequence[str], predicted: Sequence[str], labels: Sequ
 
 # ---- open-ended generation -----------------------------------------------------------------------------
 
+
 def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
     """Corpus perplexity: exp of the total negative log-likelihood (nats) over the total token count,
     so that long references weigh by their length, as language-model perplexity is reported.
@@ -220,7 +234,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     grams: list[tuple[str, ...]] = []
     for text in texts:
         tokens = text.split()
-        grams.extend(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        grams.extend(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     return len(set(grams)) / len(grams) if grams else 0.0
 
 

@@ -19,13 +19,16 @@ from qwenkit.tasks import metrics
 from qwenkit.tasks.common import Messages, chat, defuse
 from qwenkit.tokenizer import Tokenizer
 
-SYSTEM_CLOSED = ("You are a knowledgeable assistant. Answer the user's question as briefly as possible: a name, a "
-                 "number, a date or a short phrase, with no explanation. Reply in the form:\nAnswer: <answer>")
+SYSTEM_CLOSED = (
+    "You are a knowledgeable assistant. Answer the user's question as briefly as possible: a name, a "
+    "number, a date or a short phrase, with no explanation. Reply in the form:\nAnswer: <answer>"
+)
 SYSTEM_GROUNDED = (
     "You answer questions using only the numbered passages the user gives. Reply in exactly this form:\n"
     "Answer: <the shortest answer, in words taken from the passages where possible>\n"
     "Sources: <the numbers of the passages the answer comes from, like [1], [3]>\n"
-    "If the passages do not hold the answer, reply:\nAnswer: unknown\nSources: none")
+    "If the passages do not hold the answer, reply:\nAnswer: unknown\nSources: none"
+)
 
 DOCUMENT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 
@@ -47,6 +50,7 @@ class QAResult:
 
 
 # ---- documents and retrieval --------------------------------------------------------------------------
+
 
 def load_documents(items: Sequence[str]) -> list[tuple[str, str]]:
     """(source, text) of each --context item: a folder (its text files, recursively, in name order), a
@@ -130,14 +134,19 @@ def retrieve(question: str, passages: Sequence[Passage], top_k: int = 3) -> list
 
 # ---- prompting and parsing ------------------------------------------------------------------------------
 
+
 def build_messages(question: str, passages: Sequence[Passage] = ()) -> Messages:
     """The chat for one question, closed-book or with numbered passages."""
     if not passages:
         return [{"role": "system", "content": SYSTEM_CLOSED}, {"role": "user", "content": question}]
-    shown = "\n\n".join(f"[{p.number}] ({Path(p.source).name}) {p.text}" if p.source != "context"
-                        else f"[{p.number}] {p.text}" for p in passages)
-    return [{"role": "system", "content": SYSTEM_GROUNDED},
-            {"role": "user", "content": f"Passages:\n{shown}\n\nQuestion: {question}"}]
+    shown = "\n\n".join(
+        f"[{p.number}] ({Path(p.source).name}) {p.text}" if p.source != "context" else f"[{p.number}] {p.text}"
+        for p in passages
+    )
+    return [
+        {"role": "system", "content": SYSTEM_GROUNDED},
+        {"role": "user", "content": f"Passages:\n{shown}\n\nQuestion: {question}"},
+    ]
 
 
 def parse_reply(reply: str, passages: Sequence[Passage] = ()) -> tuple[str, list[Passage]]:
@@ -173,9 +182,16 @@ def prepare(tok: Tokenizer, question: str, context: Sequence[str] | str | None, 
     return retrieve(question, passages, top_k)
 
 
-def answer(model: QwenForCausalLM, tok: Tokenizer, questions: Sequence[str], params: SamplingParams,
-           contexts: Sequence[Sequence[str] | str | None] | None = None, top_k: int = 3, batch_size: int = 8,
-           progress: bool = False) -> list[QAResult]:
+def answer(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    questions: Sequence[str],
+    params: SamplingParams,
+    contexts: Sequence[Sequence[str] | str | None] | None = None,
+    top_k: int = 3,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[QAResult]:
     """Answer questions, each closed-book or from its context.
 
     Args:
@@ -191,8 +207,14 @@ def answer(model: QwenForCausalLM, tok: Tokenizer, questions: Sequence[str], par
     """
     contexts = contexts if contexts is not None else [None] * len(questions)
     shown = [prepare(tok, q, c, top_k) for q, c in zip(questions, contexts)]
-    done = chat(model, tok, [build_messages(defuse(tok, q), p) for q, p in zip(questions, shown)], params, batch_size,
-                desc="answering" if progress else None)
+    done = chat(
+        model,
+        tok,
+        [build_messages(defuse(tok, q), p) for q, p in zip(questions, shown)],
+        params,
+        batch_size,
+        desc="answering" if progress else None,
+    )
     results = []
     for c, passages in zip(done, shown):
         text, cited = parse_reply(c.text, passages)
@@ -205,11 +227,19 @@ def answer(model: QwenForCausalLM, tok: Tokenizer, questions: Sequence[str], par
 REQUIRED = ("question", "answers")
 
 
-def predict(model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams,
-            batch_size: int = 8) -> list[dict]:
+def predict(
+    model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams, batch_size: int = 8
+) -> list[dict]:
     """Each row with its `prediction` (the short answer) and the model's `reply`."""
-    results = answer(model, tok, [r["question"] for r in rows], params, [r.get("context") for r in rows],
-                     batch_size=batch_size, progress=True)
+    results = answer(
+        model,
+        tok,
+        [r["question"] for r in rows],
+        params,
+        [r.get("context") for r in rows],
+        batch_size=batch_size,
+        progress=True,
+    )
     return [{**row, "prediction": res.answer, "reply": res.reply} for row, res in zip(rows, results)]
 
 
@@ -217,6 +247,8 @@ def score(records: Sequence[dict], **_) -> tuple[dict, list[dict]]:
     """SQuAD exact match and F1, overall and per row."""
     answers = [[r["answers"]] if isinstance(r["answers"], str) else list(r["answers"]) for r in records]
     preds = [str(r["prediction"] or "") for r in records]
-    out = [{**r, "exact_match": metrics.exact_match(p, a), "f1": metrics.token_f1(p, a)}
-           for r, p, a in zip(records, preds, answers)]
+    out = [
+        {**r, "exact_match": metrics.exact_match(p, a), "f1": metrics.token_f1(p, a)}
+        for r, p, a in zip(records, preds, answers)
+    ]
     return metrics.squad(preds, answers), out

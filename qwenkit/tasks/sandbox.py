@@ -83,7 +83,7 @@ def _signal_name(n: int) -> str:
 
 # Runs as the child's first Python code; its one argument is the JSON settings. Failures while setting
 # up exit with status 125 and a "sandbox setup failed" line, before any of the program runs.
-_BOOT = r'''
+_BOOT = r"""
 import json, os, sys
 cfg = json.loads(sys.argv[1])
 work = cfg["workdir"]
@@ -234,10 +234,22 @@ import runpy
 sys.argv = ["main.py"]
 sys.path.insert(0, work)
 runpy.run_path(os.path.join(work, "main.py"), run_name="__main__")
-'''
+"""
 
-_UNSHARE = ["unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork",
-            "--kill-child", "--mount-proc", "--"]
+_UNSHARE = [
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "--mount",
+    "--net",
+    "--pid",
+    "--ipc",
+    "--uts",
+    "--fork",
+    "--kill-child",
+    "--mount-proc",
+    "--",
+]
 
 
 @functools.cache
@@ -245,23 +257,47 @@ def namespaces_available() -> bool:
     """Whether this machine lets us build the namespace sandbox (tried once, with a program that does nothing)."""
     if sys.platform != "linux" or shutil.which("unshare") is None:
         return False
-    result = _run("pass\n", {}, timeout=30.0, memory_mb=1024, max_processes=32, max_file_mb=16, guards=True,
-                  allow_subprocess=False, namespace=True)
+    result = _run(
+        "pass\n",
+        {},
+        timeout=30.0,
+        memory_mb=1024,
+        max_processes=32,
+        max_file_mb=16,
+        guards=True,
+        allow_subprocess=False,
+        namespace=True,
+    )
     return result.returncode == 0
 
 
 def isolation() -> list[str]:
     """What a run gets on this machine, in words."""
-    layers = ["subprocess", "wall-clock timeout", "RLIMIT_CPU/AS/FSIZE/NPROC", "fresh temporary folder",
-              "empty environment", "process group killed at the end", "Python audit hook"]
+    layers = [
+        "subprocess",
+        "wall-clock timeout",
+        "RLIMIT_CPU/AS/FSIZE/NPROC",
+        "fresh temporary folder",
+        "empty environment",
+        "process group killed at the end",
+        "Python audit hook",
+    ]
     if namespaces_available():
         layers += ["user+pid+net+mount namespaces", "read-only filesystem outside the folder", "no capabilities"]
     return layers
 
 
-def run_python(code: str, files: dict[str, str] | None = None, *, timeout: float = 10.0, memory_mb: int = 1024,
-               max_processes: int = 32, max_file_mb: int = 16, guards: bool = True,
-               allow_subprocess: bool = False) -> SandboxResult:
+def run_python(
+    code: str,
+    files: dict[str, str] | None = None,
+    *,
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    max_processes: int = 32,
+    max_file_mb: int = 16,
+    guards: bool = True,
+    allow_subprocess: bool = False,
+) -> SandboxResult:
     """Run a Python program in the sandbox and say how it went.
 
     Args:
@@ -276,9 +312,17 @@ def run_python(code: str, files: dict[str, str] | None = None, *, timeout: float
             Turn it off only to test the operating-system layer alone.
         allow_subprocess: let the program start processes (still counted by max_processes).
     """
-    return _run(code, files or {}, timeout=timeout, memory_mb=memory_mb, max_processes=max_processes,
-                max_file_mb=max_file_mb, guards=guards, allow_subprocess=allow_subprocess,
-                namespace=namespaces_available())
+    return _run(
+        code,
+        files or {},
+        timeout=timeout,
+        memory_mb=memory_mb,
+        max_processes=max_processes,
+        max_file_mb=max_file_mb,
+        guards=guards,
+        allow_subprocess=allow_subprocess,
+        namespace=namespaces_available(),
+    )
 
 
 def _user_processes() -> int:
@@ -294,8 +338,18 @@ def _user_processes() -> int:
     return n
 
 
-def _run(code: str, files: dict[str, str], *, timeout: float, memory_mb: int, max_processes: int,
-         max_file_mb: int, guards: bool, allow_subprocess: bool, namespace: bool) -> SandboxResult:
+def _run(
+    code: str,
+    files: dict[str, str],
+    *,
+    timeout: float,
+    memory_mb: int,
+    max_processes: int,
+    max_file_mb: int,
+    guards: bool,
+    allow_subprocess: bool,
+    namespace: bool,
+) -> SandboxResult:
     base = os.path.realpath(tempfile.mkdtemp(prefix="qwenkit-sandbox-"))
     work = os.path.join(base, "work")
     report = os.path.join(base, "report")
@@ -311,10 +365,18 @@ def _run(code: str, files: dict[str, str], *, timeout: float, memory_mb: int, ma
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
-        settings = {"workdir": work, "report": report, "namespace": namespace, "guards": guards,
-                    "allow_subprocess": allow_subprocess, "cpu_seconds": int(timeout) + 1, "memory_mb": memory_mb,
-                    "max_file_mb": max_file_mb, "max_processes": max_processes,
-                    "nproc": None if os.getuid() == 0 else _user_processes() + max_processes}
+        settings = {
+            "workdir": work,
+            "report": report,
+            "namespace": namespace,
+            "guards": guards,
+            "allow_subprocess": allow_subprocess,
+            "cpu_seconds": int(timeout) + 1,
+            "memory_mb": memory_mb,
+            "max_file_mb": max_file_mb,
+            "max_processes": max_processes,
+            "nproc": None if os.getuid() == 0 else _user_processes() + max_processes,
+        }
         argv = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOT, json.dumps(settings)]
         if namespace:
             argv = _UNSHARE + argv
@@ -322,8 +384,9 @@ def _run(code: str, files: dict[str, str], *, timeout: float, memory_mb: int, ma
         # cannot fill the host's memory the way a pipe read to the end would.
         with open(os.path.join(base, "stdout"), "w+b") as out, open(os.path.join(base, "stderr"), "w+b") as err:
             start = time.monotonic()
-            proc = subprocess.Popen(argv, cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv, cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+            )
             timed_out = False
             try:
                 try:
@@ -341,8 +404,15 @@ def _run(code: str, files: dict[str, str], *, timeout: float, memory_mb: int, ma
                 layers.append("pid_max")
         if guards:
             layers.append("audit hook")
-        return SandboxResult(_status(proc.returncode, timed_out, stderr), None if timed_out else proc.returncode,
-                             stdout, stderr, duration, layers, work)
+        return SandboxResult(
+            _status(proc.returncode, timed_out, stderr),
+            None if timed_out else proc.returncode,
+            stdout,
+            stderr,
+            duration,
+            layers,
+            work,
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -422,6 +492,7 @@ def _status(returncode: int | None, timed_out: bool, stderr: str) -> str:
 
 # ---- HumanEval-style checking --------------------------------------------------------------------------
 
+
 def check_program(program: str, test: str, entry_point: str | None = None) -> str:
     """The program HumanEval runs: the solution, its tests, then `check(entry_point)` when the tests
     define a `check` function (as HumanEval's do); plain asserts run as they are."""
@@ -429,8 +500,9 @@ def check_program(program: str, test: str, entry_point: str | None = None) -> st
     return f"{program}\n\n{test}{tail}"
 
 
-def run_tests(program: str, test: str, entry_point: str | None = None, *, timeout: float = 10.0,
-              memory_mb: int = 1024) -> SandboxResult:
+def run_tests(
+    program: str, test: str, entry_point: str | None = None, *, timeout: float = 10.0, memory_mb: int = 1024
+) -> SandboxResult:
     """Run a solution against its tests in the sandbox.
 
     Args:

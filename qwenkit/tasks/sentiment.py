@@ -35,8 +35,10 @@ class Sentiment:
 
 def build_messages(text: str, labels: Sequence[str]) -> Messages:
     """The chat that asks for one label."""
-    system = ("You are a sentiment classifier. Read the user's text and reply with exactly one word, its "
-              f"sentiment, chosen from: {', '.join(labels)}.")
+    system = (
+        "You are a sentiment classifier. Read the user's text and reply with exactly one word, its "
+        f"sentiment, chosen from: {', '.join(labels)}."
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
@@ -47,8 +49,14 @@ def softmax(scores: Sequence[float]) -> list[float]:
     return [e / total for e in exps]
 
 
-def label_logprobs(model: QwenForCausalLM, tok: Tokenizer, texts: Sequence[str], labels: Sequence[str],
-                   batch_size: int = 8, progress: bool = False) -> list[list[float]]:
+def label_logprobs(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[list[float]]:
     """log p(label's assistant turn | text) for every text (rows) and label (columns).
 
     Args:
@@ -65,21 +73,29 @@ def label_logprobs(model: QwenForCausalLM, tok: Tokenizer, texts: Sequence[str],
     with tqdm(total=len(texts), desc="classifying", unit="text", disable=not progress or not texts) as bar:
         for start in range(0, len(texts), batch_size):
             prefixes, continuations = [], []
-            for text in texts[start:start + batch_size]:
+            for text in texts[start : start + batch_size]:
                 messages = build_messages(defuse(tok, text), labels)
                 for label in labels:
                     p, c = answer_ids(tok, messages, label)
                     prefixes.append(p)
                     continuations.append(c)
-            flat = continuation_logprobs(model, prefixes, continuations, batch_size=len(prefixes),
-                                         pad_id=tok.pad_token_id or 0)
-            out += [flat[i:i + len(labels)] for i in range(0, len(flat), len(labels))]
+            flat = continuation_logprobs(
+                model, prefixes, continuations, batch_size=len(prefixes), pad_id=tok.pad_token_id or 0
+            )
+            out += [flat[i : i + len(labels)] for i in range(0, len(flat), len(labels))]
             bar.update(min(batch_size, len(texts) - start))
     return out
 
 
-def classify(model: QwenForCausalLM, tok: Tokenizer, texts: Sequence[str], labels: Sequence[str] = DEFAULT_LABELS,
-             batch_size: int = 8, calibrate: bool = False, progress: bool = False) -> list[Sentiment]:
+def classify(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[str] = DEFAULT_LABELS,
+    batch_size: int = 8,
+    calibrate: bool = False,
+    progress: bool = False,
+) -> list[Sentiment]:
     """The most likely label of each text, with the probabilities of all labels.
 
     Args:
@@ -119,8 +135,15 @@ def dataset_labels(rows: Sequence[dict]) -> list[str]:
     return [label for label in DEFAULT_LABELS if label in seen] + sorted(seen - set(DEFAULT_LABELS))
 
 
-def predict(model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], batch_size: int = 8,
-            calibrate: bool = False, labels: Sequence[str] | None = None, **_) -> list[dict]:
+def predict(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    rows: Sequence[dict],
+    batch_size: int = 8,
+    calibrate: bool = False,
+    labels: Sequence[str] | None = None,
+    **_,
+) -> list[dict]:
     """Each row with its predicted label and the labels' probabilities (labels: default, the data's)."""
     labels = list(labels) if labels is not None else dataset_labels(rows)
     results = classify(model, tok, [r["text"] for r in rows], labels, batch_size, calibrate, progress=True)
@@ -134,6 +157,10 @@ def score(records: Sequence[dict], labels: Sequence[str] | None = None, **_) -> 
     pred = [str(r["prediction"] or "").strip().lower() for r in records]
     labels = list(labels) if labels is not None else dataset_labels(records)
     out = [{**r, "correct": g == p} for r, g, p in zip(records, gold, pred)]
-    return {"accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred, labels),
-            "f1": metrics.per_label_f1(gold, pred, labels),
-            "confusion_matrix": metrics.confusion_matrix(gold, pred, labels), "count": len(records)}, out
+    return {
+        "accuracy": metrics.accuracy(gold, pred),
+        "macro_f1": metrics.macro_f1(gold, pred, labels),
+        "f1": metrics.per_label_f1(gold, pred, labels),
+        "confusion_matrix": metrics.confusion_matrix(gold, pred, labels),
+        "count": len(records),
+    }, out

@@ -76,14 +76,32 @@ LANGUAGES: dict[str, tuple[str, ...]] = {
     "la": ("Latin", "lat", "latina"),
     "ka": ("Georgian", "kat", "geo", "ქართული"),
     "hy": ("Armenian", "hye", "arm", "հայերեն"),
-    "zh": ("Chinese", "zho", "chi", "mandarin", "中文", "汉语", "漢語", "简体中文", "simplified chinese", "zh-cn",
-           "zh-hans", "zh-sg", "chinois", "chinesisch"),
+    "zh": (
+        "Chinese",
+        "zho",
+        "chi",
+        "mandarin",
+        "中文",
+        "汉语",
+        "漢語",
+        "简体中文",
+        "simplified chinese",
+        "zh-cn",
+        "zh-hans",
+        "zh-sg",
+        "chinois",
+        "chinesisch",
+    ),
     "zh-Hant": ("Traditional Chinese", "zh-tw", "zh-hk", "zh-mo", "繁體中文", "繁体中文", "cantonese", "yue"),
     "ja": ("Japanese", "jpn", "日本語", "japonais", "japanisch", "日语"),
     "ko": ("Korean", "kor", "한국어", "coréen", "koreanisch", "韩语"),
 }
-REGIONAL = {"pt-br": ("pt-BR", "Brazilian Portuguese"), "pt-pt": ("pt-PT", "European Portuguese"),
-            "es-mx": ("es-MX", "Mexican Spanish"), "fr-ca": ("fr-CA", "Canadian French")}
+REGIONAL = {
+    "pt-br": ("pt-BR", "Brazilian Portuguese"),
+    "pt-pt": ("pt-PT", "European Portuguese"),
+    "es-mx": ("es-MX", "Mexican Spanish"),
+    "fr-ca": ("fr-CA", "Canadian French"),
+}
 
 _NAMES: dict[str, str] = {}
 for _code, (_name, *_aliases) in LANGUAGES.items():
@@ -105,8 +123,11 @@ def resolve_language(name: str) -> tuple[str, str]:
             code = _NAMES[candidate]
             return code, LANGUAGES[code][0]
     close = difflib.get_close_matches(key, list(_NAMES), n=3, cutoff=0.75)
-    hint = (f"; did you mean {', '.join(repr(c) for c in close)}?" if close
-            else "; use a code like fr or a name like French")
+    hint = (
+        f"; did you mean {', '.join(repr(c) for c in close)}?"
+        if close
+        else "; use a code like fr or a name like French"
+    )
     raise ValueError(f"unknown language {name!r}{hint}")
 
 
@@ -139,13 +160,48 @@ _STOPWORDS = {
 _STOPSETS = {code: set(words.split()) for code, words in _STOPWORDS.items()}
 # The accented letters of each language's alphabet (a letter outside it counts against the language),
 # and the few that mark one language (or two) among its neighbours.
-_ALPHABET = {"en": "", "fr": "àâæçéèêëîïôœùûüÿ", "de": "äöüß", "es": "áéíñóúü", "it": "àèéìíîòóùú",
-             "pt": "áâãàçéêíóôõú", "nl": "éèëïöü", "sv": "åäöé", "da": "æøåé", "no": "æøåé", "fi": "äöå",
-             "is": "áðéíóúýþæö", "pl": "ąćęłńóśźż", "cs": "áčďéěíňóřšťúůýž", "ro": "ăâîșțşţ", "hu": "áéíóöőúüű",
-             "tr": "çğıöşüâî", "id": "", "vi": "", "ca": "àçèéíïòóúü"}
-_MARKERS = {"es": "ñ", "pt": "ãõ", "fr": "œêëîïû", "de": "ß", "it": "ìò", "tr": "ğış", "pl": "łąęśźż", "cs": "řěů",
-            "hu": "őű", "ro": "ășț", "vi": "ơưđạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹ", "da": "æø",
-            "no": "æø", "sv": "å", "is": "ðþ", "uk": "ієїґ", "sr": "ђћџљњј", "bg": "ъщ"}
+_ALPHABET = {
+    "en": "",
+    "fr": "àâæçéèêëîïôœùûüÿ",
+    "de": "äöüß",
+    "es": "áéíñóúü",
+    "it": "àèéìíîòóùú",
+    "pt": "áâãàçéêíóôõú",
+    "nl": "éèëïöü",
+    "sv": "åäöé",
+    "da": "æøåé",
+    "no": "æøåé",
+    "fi": "äöå",
+    "is": "áðéíóúýþæö",
+    "pl": "ąćęłńóśźż",
+    "cs": "áčďéěíňóřšťúůýž",
+    "ro": "ăâîșțşţ",
+    "hu": "áéíóöőúüű",
+    "tr": "çğıöşüâî",
+    "id": "",
+    "vi": "",
+    "ca": "àçèéíïòóúü",
+}
+_MARKERS = {
+    "es": "ñ",
+    "pt": "ãõ",
+    "fr": "œêëîïû",
+    "de": "ß",
+    "it": "ìò",
+    "tr": "ğış",
+    "pl": "łąęśźż",
+    "cs": "řěů",
+    "hu": "őű",
+    "ro": "ășț",
+    "vi": "ơưđạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹ",
+    "da": "æø",
+    "no": "æø",
+    "sv": "å",
+    "is": "ðþ",
+    "uk": "ієїґ",
+    "sr": "ђћџљњј",
+    "bg": "ъщ",
+}
 
 
 def _script(ch: str) -> str | None:
@@ -156,10 +212,18 @@ def _script(ch: str) -> str | None:
         return "hangul"
     if 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF:
         return "han"
-    for lo, hi, name in ((0x0400, 0x04FF, "cyrillic"), (0x0600, 0x06FF, "arabic"), (0x0590, 0x05FF, "hebrew"),
-                         (0x0370, 0x03FF, "greek"), (0x0E00, 0x0E7F, "thai"), (0x0900, 0x097F, "devanagari"),
-                         (0x0980, 0x09FF, "bengali"), (0x0B80, 0x0BFF, "tamil"), (0x10A0, 0x10FF, "georgian"),
-                         (0x0530, 0x058F, "armenian")):
+    for lo, hi, name in (
+        (0x0400, 0x04FF, "cyrillic"),
+        (0x0600, 0x06FF, "arabic"),
+        (0x0590, 0x05FF, "hebrew"),
+        (0x0370, 0x03FF, "greek"),
+        (0x0E00, 0x0E7F, "thai"),
+        (0x0900, 0x097F, "devanagari"),
+        (0x0980, 0x09FF, "bengali"),
+        (0x0B80, 0x0BFF, "tamil"),
+        (0x10A0, 0x10FF, "georgian"),
+        (0x0530, 0x058F, "armenian"),
+    ):
         if lo <= o <= hi:
             return name
     if ch.isalpha() and unicodedata.name(ch, "").startswith("LATIN"):
@@ -179,8 +243,18 @@ def detect_language(text: str) -> str:
     if scripts.get("kana"):
         return "ja"  # Japanese mixes kana with Han; Chinese has no kana
     main = max(scripts, key=scripts.get)
-    simple = {"hangul": "ko", "han": "zh", "hebrew": "he", "greek": "el", "thai": "th", "devanagari": "hi",
-              "bengali": "bn", "tamil": "ta", "georgian": "ka", "armenian": "hy"}
+    simple = {
+        "hangul": "ko",
+        "han": "zh",
+        "hebrew": "he",
+        "greek": "el",
+        "thai": "th",
+        "devanagari": "hi",
+        "bengali": "bn",
+        "tamil": "ta",
+        "georgian": "ka",
+        "armenian": "hy",
+    }
     if main in simple:
         return simple[main]
     lower = text.lower()
@@ -209,8 +283,38 @@ def detect_language(text: str) -> str:
 
 # ---- splitting ----------------------------------------------------------------------------------------
 
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "no", "fig", "inc",
-                  "ltd", "co", "mt", "approx", "dept", "est", "vol", "p", "pp", "m", "mme", "mlle", "hr", "fr", "z.b"}
+_ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "st",
+    "sr",
+    "jr",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "no",
+    "fig",
+    "inc",
+    "ltd",
+    "co",
+    "mt",
+    "approx",
+    "dept",
+    "est",
+    "vol",
+    "p",
+    "pp",
+    "m",
+    "mme",
+    "mlle",
+    "hr",
+    "fr",
+    "z.b",
+}
 _BOUNDARY = re.compile(r"[.!?…]+[\"'”’»)\]]*\s+|[。！？]+[」』”’）]*\s*")
 
 
@@ -220,13 +324,13 @@ def split_sentences(text: str) -> list[str]:
     lower case."""
     sentences, start = [], 0
     for m in _BOUNDARY.finditer(text):
-        before = text[start:m.start()].split()
+        before = text[start : m.start()].split()
         last = before[-1].lower().rstrip(".") if before else ""
         if m.group().startswith(".") and (last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha())):
             continue
-        if text[m.end():m.end() + 1].islower():  # "a.m. on Monday", "Yes… it was": no new sentence
+        if text[m.end() : m.end() + 1].islower():  # "a.m. on Monday", "Yes… it was": no new sentence
             continue
-        sentences.append(text[start:m.end()].strip())
+        sentences.append(text[start : m.end()].strip())
         start = m.end()
     if text[start:].strip():
         sentences.append(text[start:].strip())
@@ -240,18 +344,24 @@ def segment(text: str) -> list[list[str]]:
 
 # ---- prompting and cleaning -----------------------------------------------------------------------------
 
+
 def build_messages(text: str, target: str, source: str | None = None) -> Messages:
     """The chat for one segment; `target` and `source` are English language names."""
     direction = f"from {source} into {target}" if source else f"into {target}"
-    system = (f"You are a professional translator. Translate the user's text {direction}, faithfully and "
-              f"fluently, keeping its meaning, tone and formatting. Reply with the {target} translation only: "
-              f"no introduction, no explanation, no notes, no quotation marks around it, no transliteration.")
+    system = (
+        f"You are a professional translator. Translate the user's text {direction}, faithfully and "
+        f"fluently, keeping its meaning, tone and formatting. Reply with the {target} translation only: "
+        f"no introduction, no explanation, no notes, no quotation marks around it, no transliteration."
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
 _QUOTES = {'"': '"', "“": "”", "«": "»", "„": "“", "「": "」", "『": "』", "'": "'"}
-_NOTE = re.compile(r"^\s*[(\[]?\s*(note|notes|explanation|translation note|literally|literal translation|"
-                   r"this (translates|means)|in english|pronunciation|transliteration)\b", re.IGNORECASE)
+_NOTE = re.compile(
+    r"^\s*[(\[]?\s*(note|notes|explanation|translation note|literally|literal translation|"
+    r"this (translates|means)|in english|pronunciation|transliteration)\b",
+    re.IGNORECASE,
+)
 _LABEL = re.compile(r"^\s*(translation|translated text|[A-Z][a-z]+( translation)?)\s*:\s*(?=\S)")
 
 
@@ -276,7 +386,7 @@ def clean_translation(reply: str, source: str) -> str:
         text = "\n".join(lines[:-1]).strip()
     label = _LABEL.match(text)
     if label and not _LABEL.match(source):
-        text = text[label.end():]
+        text = text[label.end() :]
     src = source.strip()
     for _ in range(2):  # "«"La maison"»" has two layers
         if len(text) >= 2 and text[0] in _QUOTES and text.endswith(_QUOTES[text[0]]) and not src.startswith(text[0]):
@@ -284,9 +394,16 @@ def clean_translation(reply: str, source: str) -> str:
     return text.strip()
 
 
-def translate(model: QwenForCausalLM, tok: Tokenizer, texts: Sequence[str], target: str, params: SamplingParams,
-              source: str | Sequence[str | None] | None = None, batch_size: int = 8,
-              progress: bool = False) -> list[str]:
+def translate(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    texts: Sequence[str],
+    target: str,
+    params: SamplingParams,
+    source: str | Sequence[str | None] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
     """Translate texts, sentence by sentence, all sentences of all texts batched together.
 
     Args:
@@ -315,8 +432,14 @@ def translate(model: QwenForCausalLM, tok: Tokenizer, texts: Sequence[str], targ
     # clean_translation removes; past that a small model only rambles, and each token costs a step.
     longest = max((len(tok.encode(j[3])) for j in jobs), default=0)
     params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, 4 * longest + 64))
-    done = chat(model, tok, [build_messages(j[3], target_name, j[4]) for j in jobs], params, batch_size,
-                desc="translating" if progress else None)
+    done = chat(
+        model,
+        tok,
+        [build_messages(j[3], target_name, j[4]) for j in jobs],
+        params,
+        batch_size,
+        desc="translating" if progress else None,
+    )
     out_lines = [[[""] * len(s) for s in lines] for lines in layouts]
     for (t, li, si, sentence, _), c in zip(jobs, done):
         out_lines[t][li][si] = clean_translation(c.text, sentence)
@@ -329,16 +452,25 @@ def translate(model: QwenForCausalLM, tok: Tokenizer, texts: Sequence[str], targ
 REQUIRED = ("source", "reference", "tgt_lang")
 
 
-def predict(model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams,
-            batch_size: int = 8) -> list[dict]:
+def predict(
+    model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams, batch_size: int = 8
+) -> list[dict]:
     """Each row with its `prediction`; rows are grouped by target language and translated in batches."""
     predictions: dict[int, str] = {}
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(row["tgt_lang"], []).append(i)
     for tgt, idx in groups.items():
-        texts = translate(model, tok, [rows[i]["source"] for i in idx], tgt, params,
-                          [rows[i].get("src_lang") for i in idx], batch_size, progress=True)
+        texts = translate(
+            model,
+            tok,
+            [rows[i]["source"] for i in idx],
+            tgt,
+            params,
+            [rows[i].get("src_lang") for i in idx],
+            batch_size,
+            progress=True,
+        )
         predictions.update(zip(idx, texts))
     return [{**row, "prediction": predictions[i]} for i, row in enumerate(rows)]
 
@@ -362,8 +494,13 @@ def score(records: Sequence[dict], **_) -> tuple[dict, list[dict]]:
         hyps = [str(r["prediction"] or "") for r in rows]
         refs = [r["reference"] for r in rows]
         b, c = metrics.bleu(hyps, refs, tokenize), metrics.chrf(hyps, refs)
-        return {"bleu": b["score"], "chrf": c["score"], "bleu_signature": b["signature"],
-                "chrf_signature": c["signature"], "count": len(rows)}
+        return {
+            "bleu": b["score"],
+            "chrf": c["score"],
+            "bleu_signature": b["signature"],
+            "chrf_signature": c["signature"],
+            "count": len(rows),
+        }
 
     per_pair = {name: corpus(rows, bleu_tokenizer(rows[0]["tgt_lang"])) for name, rows in sorted(pairs.items())}
     tokenizers = {bleu_tokenizer(r["tgt_lang"]) for r in records}

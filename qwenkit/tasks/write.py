@@ -17,15 +17,15 @@ from qwenkit.tokenizer import Tokenizer
 
 STYLES = {
     "continue": "You are a skilled writer. The user gives the beginning of a text. Continue it in the same "
-                "voice, tense and style, starting exactly where it stops. Reply with the continuation only: do "
-                "not repeat the beginning, add a title, or comment on it.",
+    "voice, tense and style, starting exactly where it stops. Reply with the continuation only: do "
+    "not repeat the beginning, add a title, or comment on it.",
     "story": "You are a creative fiction writer. Write a short, vivid story from the user's prompt, with a "
-             "beginning, a middle and an end. Reply with the story only.",
+    "beginning, a middle and an end. Reply with the story only.",
     "news": "You are a news journalist. Write a short news article from the user's prompt: a headline on the "
-            "first line, then factual, neutral paragraphs in the inverted-pyramid style. Reply with the "
-            "article only.",
+    "first line, then factual, neutral paragraphs in the inverted-pyramid style. Reply with the "
+    "article only.",
     "dialogue": "You are a playwright. Write a natural dialogue from the user's prompt, one line per turn in the "
-                "form `Name: words`. Reply with the dialogue only.",
+    "form `Name: words`. Reply with the dialogue only.",
 }
 
 
@@ -40,7 +40,7 @@ def clean(reply: str, prompt: str, style: str = "continue") -> str:
     """The piece without a chatty lead-in; for a continuation, without an echo of the beginning."""
     text = strip_preamble(reply)
     if style == "continue" and prompt.strip() and text.startswith(prompt.strip()):
-        text = text[len(prompt.strip()):]
+        text = text[len(prompt.strip()) :]
     return text.strip() if style != "continue" else text.rstrip()
 
 
@@ -53,8 +53,15 @@ def join(prompt: str, continuation: str) -> str:
     return prompt + " " + continuation.lstrip()
 
 
-def write(model: QwenForCausalLM, tok: Tokenizer, prompts: Sequence[str], params: SamplingParams,
-          style: str = "continue", batch_size: int = 8, progress: bool = False) -> list[str]:
+def write(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    style: str = "continue",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
     """Write one piece per prompt.
 
     Args:
@@ -66,13 +73,25 @@ def write(model: QwenForCausalLM, tok: Tokenizer, prompts: Sequence[str], params
         batch_size: prompts generated together.
         progress: show a progress bar.
     """
-    done = chat(model, tok, [build_messages(p, style) for p in prompts], params, batch_size,
-                desc="writing" if progress else None)
+    done = chat(
+        model,
+        tok,
+        [build_messages(p, style) for p in prompts],
+        params,
+        batch_size,
+        desc="writing" if progress else None,
+    )
     return [clean(c.text, p, style) for p, c in zip(prompts, done)]
 
 
-def reference_nll(model: QwenForCausalLM, tok: Tokenizer, prompts: Sequence[str], references: Sequence[str],
-                  styles: Sequence[str] | None = None, batch_size: int = 4) -> tuple[list[float], list[int]]:
+def reference_nll(
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    styles: Sequence[str] | None = None,
+    batch_size: int = 4,
+) -> tuple[list[float], list[int]]:
     """Per reference, its summed negative log-likelihood (nats) as the reply to its prompt, and the
     number of tokens scored (the reference's text and the end-of-turn token).
 
@@ -95,8 +114,9 @@ def reference_nll(model: QwenForCausalLM, tok: Tokenizer, prompts: Sequence[str]
 REQUIRED = ("prompt",)
 
 
-def predict(model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams,
-            batch_size: int = 8) -> list[dict]:
+def predict(
+    model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams, batch_size: int = 8
+) -> list[dict]:
     """Each row with its `prediction`: the piece written for its `prompt` (in its `style`, if any)."""
     out = []
     by_style: dict[str, list[int]] = {}
@@ -111,16 +131,30 @@ def predict(model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params
     return out
 
 
-def score(records: Sequence[dict], model: QwenForCausalLM | None = None, tok: Tokenizer | None = None,
-          batch_size: int = 4, **_) -> tuple[dict, list[dict]]:
+def score(
+    records: Sequence[dict],
+    model: QwenForCausalLM | None = None,
+    tok: Tokenizer | None = None,
+    batch_size: int = 4,
+    **_,
+) -> tuple[dict, list[dict]]:
     """distinct-1/2 of the predictions and, given the model, the perplexity of the references."""
     texts = [r["prediction"] for r in records]
-    result: dict = {"distinct_1": metrics.distinct_n(texts, 1), "distinct_2": metrics.distinct_n(texts, 2),
-                    "count": len(records)}
+    result: dict = {
+        "distinct_1": metrics.distinct_n(texts, 1),
+        "distinct_2": metrics.distinct_n(texts, 2),
+        "count": len(records),
+    }
     with_ref = [r for r in records if r.get("reference")]
     if with_ref and model is not None and tok is not None:
-        nll, counts = reference_nll(model, tok, [r["prompt"] for r in with_ref], [r["reference"] for r in with_ref],
-                                    [r.get("style", "continue") for r in with_ref], batch_size)
+        nll, counts = reference_nll(
+            model,
+            tok,
+            [r["prompt"] for r in with_ref],
+            [r["reference"] for r in with_ref],
+            [r.get("style", "continue") for r in with_ref],
+            batch_size,
+        )
         result["perplexity"] = metrics.perplexity(nll, counts)
         result["reference_tokens"] = sum(counts)
         for r, n, c in zip(with_ref, nll, counts):
