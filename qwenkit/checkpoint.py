@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qwenkit.config import QwenConfig, from_hf_config
+from qwenkit.errors import CheckpointError
 from qwenkit.model import QwenForCausalLM
 
 SINGLE_FILE = "model.safetensors"
@@ -38,10 +39,6 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded as it is; the message names the file and tensor."""
 
 
 def resolve_model_path(name: str | os.PathLike) -> Path:

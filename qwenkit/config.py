@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A `config.json` (or a preset) that qwenkit cannot build a model from."""
+from qwenkit.errors import ConfigError
 
 
 @dataclass(frozen=True)

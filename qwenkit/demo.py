@@ -155,7 +155,7 @@ def fine_tune(folder: Path, out: Path, quick: bool) -> list[tuple]:
 
 
 def run(model: str | None = None, out: str = "runs/demo", quick: bool = False) -> int:
-    from qwenkit.models import load, resolve_model
+    from qwenkit.hub import load, resolve_model
 
     torch.manual_seed(0)
     start = time.perf_counter()

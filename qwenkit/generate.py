@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from qwenkit import kernels
+from qwenkit.errors import ContextLengthError
 from qwenkit.model import KVCache, QwenForCausalLM
 
 
@@ -30,7 +31,7 @@ class SamplingParams:
     seed: int | None = None
 
     @classmethod
-    def from_model(cls, model: QwenForCausalLM, **overrides) -> "SamplingParams":
+    def from_model(cls, model: QwenForCausalLM, **overrides) -> SamplingParams:
         """The checkpoint's generation_config.json, then the caller's overrides (None: keep)."""
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
@@ -104,10 +105,6 @@ def context_length(config) -> int:
         s = config.rope_scaling
         return max(config.max_position_embeddings, int(s.original_max_position_embeddings * s.factor))
     return config.max_position_embeddings
-
-
-class ContextLengthError(ValueError):
-    """The prompt alone does not fit in the model's context."""
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qwenkit.config import ConfigError, QwenConfig, YarnScaling
+from qwenkit.errors import GGUFError
 from qwenkit.tokenizer import QWEN2_PATTERN, _bytes_to_unicode
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -75,10 +76,6 @@ _GPT2_PRE = {"gpt-2", "gpt2", "default"}
 # Texts llama.cpp treats as end of generation (its `special_eog_ids`), whatever the file's eos id.
 # Qwen2.5-Instruct stops on <|im_end|> and <|endoftext|>; without both, a model can run on forever.
 _EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>")
-
-
-class GGUFError(ValueError):
-    """A GGUF file qwenkit cannot import; the message names the file (and the tensor or key)."""
 
 
 def _gguf_lib():

@@ -29,15 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit.errors import AdapterError
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Every linear layer of a Qwen2 block; PEFT's "all-linear" means the same set (never lm_head).
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class AdapterError(ValueError):
-    """An adapter folder or LoRA setting that qwenkit cannot use; the message names the file or key."""
 
 
 class LoRALinear(nn.Module):
@@ -192,7 +190,7 @@ class LoraSettings:
         }
 
     @classmethod
-    def from_peft_config(cls, config: Mapping, where: str = ADAPTER_CONFIG) -> "LoraSettings":
+    def from_peft_config(cls, config: Mapping, where: str = ADAPTER_CONFIG) -> LoraSettings:
         def bad(key: str, why: str):
             raise AdapterError(f"{where}: '{key}' {why}")
 

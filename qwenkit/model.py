@@ -158,7 +158,7 @@ class KVCache:
             self._pointers = tuple(t.data_ptr() for t in (*self.k, *self.v))
         return self._pointers
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows start:stop that shares this one's storage (views, no copy)."""
         view = KVCache.__new__(KVCache)
         view.k = [t[start:stop] for t in self.k]
@@ -301,7 +301,7 @@ class QwenForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> "QwenForCausalLM":
+    def init_weights(self, seed: int | None = None) -> QwenForCausalLM:
         """Initialize for training from scratch: N(0, initializer_range) weights, zero biases, unit norms."""
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
@@ -422,7 +422,7 @@ class QwenForCausalLM(nn.Module):
         save_model(self, out_dir, max_shard_size=max_shard_size, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "QwenForCausalLM":
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> QwenForCausalLM:
         from qwenkit.checkpoint import load_model
 
         return load_model(path, dtype=dtype, device=device)

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from qwenkit.errors import ContextLengthError
 from qwenkit.generate import SamplingParams, context_length
 from qwenkit.model import QwenForCausalLM
-from qwenkit.textgen import stream_text
+from qwenkit.text import stream_text
 from qwenkit.tokenizer import Tokenizer
 
 HELP = """commands:
@@ -23,7 +24,7 @@ HELP = """commands:
   /quit           leave (or Ctrl-D)"""
 
 
-class ContextFull(ValueError):
+class ContextFull(ContextLengthError):
     """The newest message alone does not leave room for an answer."""
 
 

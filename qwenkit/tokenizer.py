@@ -16,7 +16,6 @@ import hashlib
 import importlib.resources
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from qwenkit import chat
+from qwenkit.files import atomic_write, cache_dir
 
 # Qwen2's pre-tokenization regex: like GPT-4's, but digits are split one by one.
 QWEN2_PATTERN = (
@@ -46,28 +46,6 @@ _KEPT_WHEN_SKIPPING = frozenset(SPECIAL_TOKENS[14:])
 QWEN_TIKTOKEN_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"
 # Bump when the build below changes, so that stale caches are not read.
 _BUILD_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """qwenkit's cache folder: $QWENKIT_CACHE, else $XDG_CACHE_HOME/qwenkit, else ~/.cache/qwenkit."""
-    if os.environ.get("QWENKIT_CACHE"):
-        return Path(os.environ["QWENKIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "qwenkit"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # A crash mid-write must never leave a truncated file that a later load would trust.
-    # The temporary name is unique per writer, and opened like any file so the umask applies.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +158,7 @@ def _builtin_backend() -> tokenizers.Tokenizer:
             pass
     tk = _build_qwen_backend(_read_ranks(_qwen_tiktoken_path()))
     try:
-        _atomic_write(cached, tk.to_str())
+        atomic_write(cached, tk.to_str())
     except OSError:  # a read-only home must not stop the tokenizer from working
         pass
     return tk
@@ -527,10 +505,10 @@ class Tokenizer:
         model = json.loads(spec)["model"]
         if model.get("type") == "BPE":
             merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-            _atomic_write(out / "vocab.json", json.dumps(model["vocab"], ensure_ascii=False))
-            _atomic_write(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-        _atomic_write(out / "tokenizer.json", spec)
-        _atomic_write(
+            atomic_write(out / "vocab.json", json.dumps(model["vocab"], ensure_ascii=False))
+            atomic_write(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        atomic_write(out / "tokenizer.json", spec)
+        atomic_write(
             out / "tokenizer_config.json", json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n"
         )
 

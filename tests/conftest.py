@@ -67,6 +67,6 @@ def tok_official_template():
 @pytest.fixture(scope="session")
 def default_model_dir(qwenkit_cache):
     """The default model (SmolLM2-135M-Instruct), fetched and converted once into the session cache."""
-    from qwenkit.models import resolve_model
+    from qwenkit.hub import resolve_model
 
     return resolve_model(None)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import hf_twin, random_model, tiny_config
 from safetensors.torch import load_file, save_file
 
 import qwenkit
-from qwenkit.checkpoint import CheckpointError, INDEX_FILE, SINGLE_FILE
-from reference import hf_twin, random_model, tiny_config
+from qwenkit.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError
 
 IDS = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(0))
 

@@ -4,9 +4,9 @@ import json
 from dataclasses import FrozenInstanceError, replace
 
 import pytest
+from reference import hf_config
 
 from qwenkit.config import PRESETS, ConfigError, QwenConfig, YarnScaling, from_hf_config, get_preset
-from reference import hf_config
 
 QWEN25_7B_INSTRUCT = {  # the shape of the published config.json
     "architectures": ["Qwen2ForCausalLM"],

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import qwenkit
-from qwenkit import models
-from qwenkit.checkpoint import CheckpointError
-from qwenkit.models import ModelError, resolve_model
 from reference import random_model, tiny_config
 from test_gguf import CORPUS, tiny_vocab, write_gguf
+
+import qwenkit
+from qwenkit import hub as models
+from qwenkit.checkpoint import CheckpointError
+from qwenkit.hub import ModelError, resolve_model
 
 
 def sha256(path: Path) -> str:

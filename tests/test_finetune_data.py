@@ -204,8 +204,9 @@ def test_skip_bad_rows_skips_and_counts(tmp_path):
 
 
 def test_packing_restarts_positions_and_keeps_samples_apart(tmp_path, tok_qwen):
-    from qwenkit.finetune.loss import CausalLMLoss
     from reference import random_model, tiny_config
+
+    from qwenkit.finetune.loss import CausalLMLoss
 
     convs, _ = load_conversations(write_jsonl(tmp_path / "d.jsonl", OPENAI + [MULTI_TURN]))
     samples = tokenize(tok_qwen, convs, max_seq_len=4096)

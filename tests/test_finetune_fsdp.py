@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from reference import random_model, tiny_config, write_run_files
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).parent.parent
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from reference import random_model, tiny_config, write_run_files
 
 ROOT = Path(__file__).parent.parent

@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
+from reference import random_model, tiny_config, write_run_files
 
 from qwenkit.finetune.recipe import load_config
 from qwenkit.finetune.trainer import Trainer
-from reference import random_model, tiny_config, write_run_files
 
 LAYERS = 4
 

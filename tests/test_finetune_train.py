@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import random_model, tiny_config, write_jsonl, write_run_files
 
 from qwenkit.finetune.cli import main
 from qwenkit.finetune.loss import CausalLMLoss, fused_linear_cross_entropy
 from qwenkit.finetune.recipe import RecipeError, load_config
 from qwenkit.finetune.trainer import Trainer
-from reference import random_model, tiny_config, write_jsonl, write_run_files
 
 TINY_RECIPE = Path(__file__).parent.parent / "configs" / "tiny-cpu-lora.yaml"
 

@@ -4,10 +4,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from reference import hf_twin, random_model, tiny_config
 
 from qwenkit.config import PRESETS
 from qwenkit.generate import SamplingParams, generate, sample
-from reference import hf_twin, random_model, tiny_config
 
 
 def hf_greedy(hf, ids, n, attention_mask=None):

@@ -15,11 +15,11 @@ import gguf  # the `gguf` extra, part of the dev set-up
 import numpy as np
 import pytest
 import torch
+from reference import random_model, tiny_config
 from safetensors.torch import load_file
 
 import qwenkit
 from qwenkit.gguf import GGUFError, convert_gguf
-from reference import random_model, tiny_config
 
 Q = gguf.GGMLQuantizationType
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp's token types

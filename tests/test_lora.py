@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from reference import random_model, tiny_config
 
 from qwenkit.checkpoint import load_model
 from qwenkit.lora import (
@@ -18,7 +19,6 @@ from qwenkit.lora import (
     merge_lora,
     save_model_adapter,
 )
-from reference import random_model, tiny_config
 
 IDS = torch.tensor([[5, 17, 301, 42, 7, 99, 3, 250, 11, 400, 8, 1]])
 
@@ -143,7 +143,6 @@ def test_lora_layer_equals_its_formula_in_value_and_gradient(dropout, bias):
 
 def test_adapter_saved_by_peft_loads_into_qwenkit(tmp_path):
     from peft import LoraConfig, get_peft_model
-
     from reference import hf_twin
 
     base = random_model(tiny_config())

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from qwenkit.tasks import metrics
 
-
 # ---- SQuAD v1.1 official evaluation script (https://rajpurkar.github.io/SQuAD-explorer/) ---------------
 
 

@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from reference import hf_twin, random_model, tiny_config
 
 from qwenkit.config import PRESETS, YarnScaling
 from qwenkit.model import KVCache, QwenForCausalLM
-from reference import hf_twin, random_model, tiny_config
 
 TOL = 1e-4
 

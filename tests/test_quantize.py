@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from reference import random_model, tiny_config
 
 from qwenkit.config import PRESETS
 from qwenkit.quant import Int8Linear, quantize
-from reference import random_model, tiny_config
 
 
 def test_int8_linear_equals_its_dequantized_weight():

@@ -23,6 +23,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from reference import random_model, tiny_config
 
 import qwenkit
 from qwenkit.checkpoint import default_generation_config
@@ -30,7 +31,6 @@ from qwenkit.generate import ContextLengthError, SamplingParams
 from qwenkit.server.app import _ToolCallWatch, create_app
 from qwenkit.server.engine import Engine, QueueFull, Request, wait_idle
 from qwenkit.server.schemas import parse_tool_calls
-from reference import random_model, tiny_config
 
 KEY = "test-key"
 MODEL = "tiny"

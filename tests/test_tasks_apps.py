@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qwenkit.cli import COMMANDS, main
+from qwenkit.hub import load
 from qwenkit.tasks import commands, sentiment, translate, write
-from qwenkit.models import load
 from qwenkit.tasks.common import answer_ids, sampling
 
 # Registered here too, so that these tests do not depend on the order in which cli.py is wired.

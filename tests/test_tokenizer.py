@@ -276,17 +276,6 @@ def test_builtin_is_built_once_then_read_from_the_cache(tmp_path, monkeypatch):
     json.loads(cached[0].read_text(encoding="utf-8"))
 
 
-def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path / "a"))
-    assert qtok.cache_dir() == tmp_path / "a"
-    monkeypatch.delenv("QWENKIT_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert qtok.cache_dir() == tmp_path / "xdg" / "qwenkit"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert qtok.cache_dir() == tmp_path / "home" / ".cache" / "qwenkit"
-
-
 def test_wrong_ranks_file_is_refused(tmp_path, monkeypatch):
     bad = tmp_path / "qwen.tiktoken"
     good = qtok._qwen_tiktoken_path().read_bytes()

@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any
 
+from qwenkit.errors import QwenkitError
 from qwenkit.finetune.recipe import FinetuneConfig, RecipeError, key_help, load_config, to_dict
 
 EXAMPLES = """\
@@ -105,11 +106,6 @@ def config_from_args(argv: list[str]) -> tuple[FinetuneConfig, argparse.Namespac
 
 def main(argv: list[str] | None = None) -> int:
     """Run `qwenkit finetune` with these arguments; 0 on success, 2 on a user error (one line)."""
-    from qwenkit.checkpoint import CheckpointError
-    from qwenkit.config import ConfigError
-    from qwenkit.finetune.data import DataError
-    from qwenkit.lora import AdapterError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg, args = config_from_args(argv)
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         from qwenkit.finetune.trainer import finetune
 
         finetune(cfg, progress=not args.no_progress)
-    except (RecipeError, DataError, CheckpointError, ConfigError, AdapterError, FileNotFoundError) as e:
+    except (QwenkitError, FileNotFoundError) as e:
         print(f"qwenkit finetune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

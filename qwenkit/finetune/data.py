@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from qwenkit.errors import DataError
+
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "sharegpt", "openai")
 # ShareGPT speakers as the exporters in the wild name them.
@@ -46,10 +48,6 @@ _SHAREGPT_ROLES = {
     "observation": "tool",
     "function_response": "tool",
 }
-
-
-class DataError(ValueError):
-    """A data file or row that cannot be used: `file:line: what is wrong`."""
 
 
 @dataclass

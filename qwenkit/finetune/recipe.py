@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from qwenkit.errors import RecipeError
 from qwenkit.lora import ALL_LINEAR
-
-
-class RecipeError(ValueError):
-    """A recipe key that is unknown or has a bad value; the message names the key."""
 
 
 def _key(default, doc: str, **kw):

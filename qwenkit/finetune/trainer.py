@@ -114,7 +114,7 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------------------
 
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         cfg = self.cfg
         check_required(cfg)
         self.dist = D.init_distributed(cfg.device)

@@ -34,10 +34,17 @@ from pathlib import Path
 
 import torch
 
+from qwenkit.files import cache_dir
+
 MAX_ROWS = 8  # rows of x per call; more rows are a matmul, where PyTorch is the better kernel
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "attention.c", "norm.c", "decode.c", "argmax.c")]
-_HEADERS = [Path(__file__).with_name("common.h")]  # included by the sources: part of the build's key
+_SOURCES = [
+    Path(__file__).parent.parent / "cpu" / "csrc" / name
+    for name in ("gemv.c", "attention.c", "norm.c", "decode.c", "argmax.c")
+]
+_HEADERS = [
+    Path(__file__).parent.parent / "cpu" / "csrc" / "common.h"
+]  # included by the sources: part of the build's key
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 _lock = threading.Lock()
@@ -68,8 +75,6 @@ def _machine_key() -> str:
 
 
 def _build(cc: str) -> Path:
-    from qwenkit.tokenizer import cache_dir
-
     parts = [p.read_bytes() for p in _SOURCES + _HEADERS] + [
         cc.encode(),
         " ".join(FLAGS).encode(),
@@ -342,7 +347,7 @@ class DecodeStack:
         )
 
     @classmethod
-    def build(cls, layers: list[tuple], final_norm: torch.Tensor | None = None) -> "DecodeStack | None":
+    def build(cls, layers: list[tuple], final_norm: torch.Tensor | None = None) -> DecodeStack | None:
         """layers: per block, its tensors in LAYER_TENSORS' order: weights (out, in), the q/k/v
         biases or None, the caches (B, K, S, D); final_norm: the weight of an RMSNorm applied after
         the last block (with the same eps), or None. None where the kernel does not apply: every

@@ -43,7 +43,7 @@ from qwenkit.server.schemas import (
     parses_tools,
     tool_prefix,
 )
-from qwenkit.textgen import StopMatcher
+from qwenkit.text import StopMatcher
 
 DEFAULT_MAX_BODY = 4 * 2**20
 

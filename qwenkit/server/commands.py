@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from qwenkit.errors import UserError
+
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -50,8 +52,6 @@ def serve(
         dtype: the weights' dtype in memory.
         quantize: weight-only int8.
     """
-    from qwenkit.cli import UserError
-
     try:  # the serve extra: a clear message rather than a traceback without it
         import fastapi  # noqa: F401
         import uvicorn
@@ -69,7 +69,7 @@ def serve(
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype!r}: choose float32 or bfloat16")
-    from qwenkit.models import load, resolve_model
+    from qwenkit.hub import load, resolve_model
 
     folder = resolve_model(model)
     m, tok = load(folder, dtypes[dtype], quantize)

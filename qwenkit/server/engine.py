@@ -12,7 +12,7 @@ engine's thread (the web layer hands them to its event loop).
 
 Each request keeps its own sampling parameters, seed, stop strings and token budget. Its logits
 go through the same penalties and `sample` as `qwenkit.generate.generate`, and its tokens become
-text through the same streaming detokenizer and stop matcher as `textgen.TextStream`, so that a
+text through the same streaming detokenizer and stop matcher as `text.TextStream`, so that a
 request's output equals `model.generate` on its prompt alone (greedy, or sampled with a seed).
 """
 
@@ -36,7 +36,7 @@ from qwenkit.generate import (
     sample,
 )
 from qwenkit.model import KVCache, QwenForCausalLM
-from qwenkit.textgen import Completion, StopMatcher
+from qwenkit.text import Completion, StopMatcher
 from qwenkit.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("qwenkit.server")
@@ -145,7 +145,7 @@ class Engine:
         """Requests in the queue, waiting for a row."""
         return len(self._waiting)
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._running = True
             self._thread = threading.Thread(target=self._loop, name="qwenkit-engine", daemon=True)

@@ -10,19 +10,15 @@ import json
 import sys
 from typing import Literal
 
+from qwenkit.errors import UserError
+
 Dtype = Literal["float32", "bfloat16"]
-
-
-def _user_error(message: str):
-    from qwenkit.cli import UserError
-
-    return UserError(message)
 
 
 def _load(model: str, dtype: str):
     import torch
 
-    from qwenkit.models import load
+    from qwenkit.hub import load
 
     return load(model, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
 
@@ -31,11 +27,11 @@ def _sampling(m, max_new_tokens: int, temperature: float | None, seed: int | Non
     from qwenkit.tasks.common import sampling
 
     if max_new_tokens < 1:
-        raise _user_error(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     try:
         return sampling(m, max_new_tokens, temperature, seed, greedy)
     except ValueError as e:
-        raise _user_error(f"--temperature: {e}") from None
+        raise UserError(f"--temperature: {e}") from None
 
 
 def write(
@@ -100,13 +96,13 @@ def qa(
     from qwenkit.tasks import qa as task
 
     if top_k < 1:
-        raise _user_error(f"--top-k must be at least 1, got {top_k}")
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
     m, tok = _load(model, dtype)
     params = _sampling(m, max_new_tokens, temperature, seed)
     try:
         result = task.answer(m, tok, [question], params, [context], top_k)[0]
     except ValueError as e:
-        raise _user_error(str(e)) from None
+        raise UserError(str(e)) from None
     print(result.answer or "(no answer)")
     if context:
         if result.citations:
@@ -157,7 +153,7 @@ def translate(
         target = task.resolve_language(to)
         source = task.resolve_language(from_) if from_ else None
     except ValueError as e:
-        raise _user_error(str(e)) from None
+        raise UserError(str(e)) from None
     if source is None:
         detected = task.detect_language(text)
         source = task.resolve_language(detected)
@@ -199,19 +195,19 @@ def sentiment(
     from qwenkit.tasks.common import read_jsonl, write_jsonl
 
     if (text is None) == (input is None):
-        raise _user_error("give either a TEXT or --input FILE.jsonl")
+        raise UserError("give either a TEXT or --input FILE.jsonl")
     names = [label.strip() for label in labels.split(",") if label.strip()]
     if len(names) < 2 or len(set(names)) != len(names):
-        raise _user_error(f"--labels needs at least two distinct labels, got {labels!r}")
+        raise UserError(f"--labels needs at least two distinct labels, got {labels!r}")
     rows = None
     if input is not None:
         try:
             rows = read_jsonl(input)
         except ValueError as e:
-            raise _user_error(str(e)) from None
+            raise UserError(str(e)) from None
         bad = [n for n, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)]
         if bad:
-            raise _user_error(f'{input}: row(s) {", ".join(map(str, bad[:5]))} have no "text" string')
+            raise UserError(f'{input}: row(s) {", ".join(map(str, bad[:5]))} have no "text" string')
     m, tok = _load(model, dtype)
     if rows is None:
         result = task.classify(m, tok, [text], names, calibrate=calibrate)[0]
@@ -271,15 +267,15 @@ def code(
     from qwenkit.tasks import code as app
 
     if repair < 0:
-        raise _user_error(f"--repair must be >= 0, got {repair}")
+        raise UserError(f"--repair must be >= 0, got {repair}")
     tests = None
     if test is not None:
         try:
             tests = Path(test).read_text(encoding="utf-8")
         except OSError as e:
-            raise _user_error(f"--test {test}: {e.strerror}") from None
+            raise UserError(f"--test {test}: {e.strerror}") from None
         if app.normalize_lang(lang) != "python":
-            raise _user_error(f"--test runs Python tests; --lang {lang} cannot be tested")
+            raise UserError(f"--test runs Python tests; --lang {lang} cannot be tested")
     m, tok = _load(model, dtype)
     params = _sampling(m, max_new_tokens, temperature, seed)
     result = app.generate_code(m, tok, task, params, lang, tests, entry_point, repair, timeout)
@@ -345,11 +341,11 @@ def eval_(
     from qwenkit.tasks.evaluate import evaluate
 
     if model is None and predictions is None:
-        raise _user_error("give --model to generate predictions, or --predictions FILE to score existing ones")
+        raise UserError("give --model to generate predictions, or --predictions FILE to score existing ones")
     if limit is not None and limit < 1:
-        raise _user_error(f"--limit must be at least 1, got {limit}")
+        raise UserError(f"--limit must be at least 1, got {limit}")
     if samples < 1:
-        raise _user_error(f"--samples must be at least 1, got {samples}")
+        raise UserError(f"--samples must be at least 1, got {samples}")
     m = tok = None
     if model is not None:
         m, tok = _load(model, dtype)
@@ -370,7 +366,7 @@ def eval_(
             seed=seed,
         )
     except ValueError as e:
-        raise _user_error(str(e)) from None
+        raise UserError(str(e)) from None
     print(json.dumps(result, indent=2, ensure_ascii=False))
     print(f"wrote predictions.jsonl and metrics.json to {output or f'eval-{task}'}", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from qwenkit.generate import SamplingParams
 from qwenkit.model import QwenForCausalLM, linear
-from qwenkit.textgen import Completion, complete
+from qwenkit.text import Completion, complete
 from qwenkit.tokenizer import Tokenizer
 
 Messages = list[dict[str, Any]]

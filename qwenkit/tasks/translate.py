@@ -13,7 +13,6 @@ Evaluation: sacreBLEU's corpus BLEU and chrF, with their signatures, per languag
 from __future__ import annotations
 
 import dataclasses
-
 import difflib
 import re
 import unicodedata

