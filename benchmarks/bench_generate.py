@@ -261,7 +261,7 @@ def int8_report(folder: Path, repeats: int) -> str:
     agreement (greedy tokens, logits) with the fp32 model; int8 decoding both through qwenkit's
     native kernel and through PyTorch's `_weight_int8pack_mm`."""
     import qwenkit
-    from qwenkit import kernels
+    from qwenkit.cpu import ops
 
     ids = torch.randint(0, 151643, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -275,7 +275,7 @@ def int8_report(folder: Path, repeats: int) -> str:
         "logit error vs fp32 (max / mean) |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    native_int8 = kernels.gemv_int8
+    native_int8 = ops.gemv_int8
     for name in ("float32", "bfloat16", "int8", "int8, PyTorch's kernel"):
         model = (
             reference
@@ -285,7 +285,7 @@ def int8_report(folder: Path, repeats: int) -> str:
         if name.startswith("int8"):
             qwenkit.quantize(model)
         # The last row decodes through torch's _weight_int8pack_mm instead of qwenkit's int8 kernel.
-        kernels.gemv_int8 = (lambda *a: None) if name == "int8, PyTorch's kernel" else native_int8
+        ops.gemv_int8 = (lambda *a: None) if name == "int8, PyTorch's kernel" else native_int8
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         read = decode_bytes(model)
         runs = bracketed_runs(run_qwenkit, model, ids, mask, max(repeats, 3))
@@ -301,7 +301,7 @@ def int8_report(folder: Path, repeats: int) -> str:
             f"{(out[:, PROMPT:] == ref_out[:, PROMPT:]).float().mean():.0%} | "
             f"{err.max():.3f} / {err.mean():.4f} |"
         )
-    kernels.gemv_int8 = native_int8
+    ops.gemv_int8 = native_int8
     return "\n".join(lines)
 
 
@@ -318,8 +318,8 @@ def agreement_report() -> str:
     over 64 new tokens of four chat prompts, and the logits on those prompts. Random weights give
     near-flat logits, where any rounding flips the argmax, so they cannot tell this."""
     import qwenkit
-    from qwenkit.models import resolve_model
-    from qwenkit.textgen import encode_prompt
+    from qwenkit.hub import resolve_model
+    from qwenkit.text import encode_prompt
 
     folder = resolve_model(None)
     tok = qwenkit.load_tokenizer(folder)

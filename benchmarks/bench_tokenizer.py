@@ -26,7 +26,7 @@ import tiktoken
 from transformers import AutoTokenizer
 
 from qwenkit import load_tokenizer
-from qwenkit.tokenizer import QWEN2_PATTERN, SPECIAL_TOKENS, _qwen_tiktoken_path, _read_ranks
+from qwenkit.qwen_vocab import QWEN2_PATTERN, SPECIAL_TOKENS, _qwen_tiktoken_path, _read_ranks
 
 CHINESE = (
     "自然语言处理是人工智能的一个重要方向。今天天气很好，我们去北京大学参观了图书馆。通义千问是阿里云开发的大语言模型。"

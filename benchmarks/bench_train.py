@@ -97,7 +97,7 @@ def worker(lib: str, mode: str, folder: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             return loss.item()
     else:
-        from qwenkit.checkpoint import load_model
+        from qwenkit.model import load_model
         from qwenkit.finetune.loss import CausalLMLoss
         from qwenkit.finetune.recipe import FinetuneConfig
         from qwenkit.finetune.strategy import build_optimizer, param_groups, trainable_names

@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 import qwenkit
-from qwenkit.models import resolve_model
+from qwenkit.hub import resolve_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="default", help="a checkpoint folder (default: the 135M stand-in)")

@@ -7,7 +7,7 @@ ignores positions labelled -100. Run: python examples/03_backward_pass.py [--mod
 import argparse
 
 import qwenkit
-from qwenkit.models import resolve_model
+from qwenkit.hub import resolve_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="default")

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 import qwenkit
-from qwenkit.models import resolve_model
+from qwenkit.hub import resolve_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="default")

@@ -7,8 +7,8 @@ import argparse
 
 import qwenkit
 from qwenkit.generate import SamplingParams
-from qwenkit.models import resolve_model
-from qwenkit.textgen import encode_prompt, stream_text
+from qwenkit.hub import resolve_model
+from qwenkit.text import encode_prompt, stream_text
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="default")

@@ -8,7 +8,7 @@ Run: python examples/06_applications.py [--model DIR]
 import argparse
 
 import qwenkit
-from qwenkit.models import resolve_model
+from qwenkit.hub import resolve_model
 from qwenkit.tasks import code, qa, sentiment, translate, write
 from qwenkit.tasks.common import sampling
 

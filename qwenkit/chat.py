@@ -1,13 +1,13 @@
-"""Chat rendering with the checkpoint's own jinja template, and the assistant mask for fine-tuning.
+"""Chat rendering with the checkpoint's own jinja template, and where the assistant's text is.
 
 Templates are untrusted code from checkpoint folders, so they run in jinja2's immutable sandbox,
 with the helpers transformers gives them (`raise_exception`, `tojson`, `strftime_now`, the special
 tokens as variables) so that a template renders here exactly as it does there.
 
-`encode_chat` returns a conversation's ids with a mask of the tokens the model must learn: each
-assistant turn's content and its closing `<|im_end|>`. Qwen2.5's template has no
-`{% generation %}` markers, so the mask is derived from the renderer itself, by rendering the
-conversation's prefixes.
+`ChatTemplate` works on text only and knows no tokenizer: `render` gives the prompt, and
+`assistant_spans` the character spans of each assistant turn, from which the tokenizer
+(`Tokenizer.encode_chat`) makes the fine-tuning mask. Qwen2.5's template has no `{% generation %}`
+markers, so the spans come from the renderer itself, by rendering the conversation's prefixes.
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-if TYPE_CHECKING:
-    from qwenkit.tokenizer import BatchEncoding, Tokenizer
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -96,112 +92,66 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return checked
 
 
-def _render(
-    tok: Tokenizer,
-    messages: Sequence[Mapping[str, Any]],
-    tools: Sequence[Mapping[str, Any]] | None,
-    add_generation_prompt: bool,
-    chat_template: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    checked = _check_messages(messages)
-    if tools is not None and not all(isinstance(t, Mapping) for t in tools):
-        raise TypeError("tools must be a list of dicts (JSON schemas)")
-    variables = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or "", **(extra or {})}
-    try:
-        return _compile(chat_template or tok.chat_template).render(
-            messages=checked, tools=tools, add_generation_prompt=add_generation_prompt, **variables
-        )
-    except jinja2.TemplateError as e:
-        raise ValueError(f"the chat template failed: {e}") from e
-
-
-def apply_chat_template(
-    tok: Tokenizer,
-    messages: Sequence[Mapping[str, Any]],
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    add_generation_prompt: bool = False,
-    tokenize: bool = True,
-    chat_template: str | None = None,
-    return_tensors: str | None = None,
-    return_dict: bool = False,
-    **extra: Any,
-) -> str | list[int] | torch.Tensor | BatchEncoding:
-    """Render (and tokenize) a conversation with the tokenizer's chat template.
+class ChatTemplate:
+    """A checkpoint's chat template, compiled once, with the special tokens it may name.
 
     Args:
-        tok: the tokenizer; its `chat_template` is the checkpoint's own, else Qwen2.5-7B-Instruct's.
-        messages: dicts with "role" ("system", "user", "assistant", "tool") and "content";
-            assistant turns may carry "tool_calls" ([{"function": {"name", "arguments"}}]).
-        tools: JSON schemas of callable tools, or None.
-        add_generation_prompt: end with `<|im_start|>assistant\\n` so that the model answers.
-        tokenize: return ids (True) or the text (False).
-        chat_template: a template to use instead of the tokenizer's.
-        return_tensors: with tokenize, None for a list of ids or "pt" for a (1, T) LongTensor.
-        return_dict: with tokenize, return `input_ids` and `attention_mask` (as `tok(text)` does)
-            instead of the ids alone.
-        **extra: more template variables (e.g. a template's own flags).
+        template: the jinja source (tokenizer_config.json's `chat_template`).
+        bos_token, eos_token: what the template's `bos_token` and `eos_token` variables hold.
     """
-    text = _render(tok, messages, tools, add_generation_prompt, chat_template, extra)
-    if not tokenize:
-        return text
-    if return_dict:
-        return tok(text, return_tensors=return_tensors)
-    return tok.encode(text, return_tensors=return_tensors)
 
+    def __init__(self, template: str, bos_token: str = "", eos_token: str = ""):
+        self.template = _compile(template)
+        self.variables = {"bos_token": bos_token, "eos_token": eos_token}
 
-def encode_chat(
-    tok: Tokenizer,
-    messages: Sequence[Mapping[str, Any]],
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    chat_template: str | None = None,
-) -> tuple[list[int], list[int]]:
-    """Ids of a whole conversation and its assistant mask, for fine-tuning.
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = False,
+        **extra: Any,
+    ) -> str:
+        """The conversation as the model reads it.
 
-    The mask is 1 on each assistant turn's content (tool calls included) and the special token that
-    closes it (`<|im_end|>`), 0 elsewhere: the system and user turns, tool results, the
-    `<|im_start|>assistant\\n` headers and the newline after `<|im_end|>`. The ids are those of
-    `apply_chat_template(messages, tools)`.
-
-    Args:
-        tok: the tokenizer.
-        messages: the conversation, as for `apply_chat_template`.
-        tools: JSON schemas of callable tools, or None.
-        chat_template: a template to use instead of the tokenizer's.
-    """
-    text = _render(tok, messages, tools, False, chat_template)
-    # Each assistant turn's text is what rendering messages[:i+1] adds to messages[:i] with the
-    # generation prompt: exactly what the model writes when asked to answer after messages[:i].
-    spans = []
-    for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
-            continue
-        if i == 0:
-            raise ValueError("messages[0] is an assistant turn: encode_chat needs a turn before it")
-        before = _render(tok, messages[:i], tools, True, chat_template)
-        through = _render(tok, messages[: i + 1], tools, False, chat_template)
-        if not (through.startswith(before) and text.startswith(through)):
-            raise ValueError(
-                f"the chat template renders messages[{i}] differently depending on what follows it, "
-                "so its assistant tokens cannot be found"
+        Args:
+            messages: dicts with "role" ("system", "user", "assistant", "tool") and "content";
+                assistant turns may carry "tool_calls" ([{"function": {"name", "arguments"}}]).
+            tools: JSON schemas of callable tools, or None.
+            add_generation_prompt: end with `<|im_start|>assistant\\n` so that the model answers.
+            **extra: more template variables (e.g. a template's own flags).
+        """
+        checked = _check_messages(messages)
+        if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+            raise TypeError("tools must be a list of dicts (JSON schemas)")
+        try:
+            return self.template.render(
+                messages=checked, tools=tools, add_generation_prompt=add_generation_prompt, **self.variables, **extra
             )
-        spans.append((len(before), len(through)))
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template failed: {e}") from e
 
-    encoding = tok._encode_with_offsets(text)
-    ids = encoding.ids
-    special = set(tok.all_special_ids)
-    mask = [0] * len(ids)
-    t = 0
-    for start, end in spans:
-        # Tokens overlapping the span (a token may straddle its start when the content begins with
-        # whitespace that merges with the header's newline; it is kept, as transformers does).
-        while t < len(ids) and encoding.offsets[t][1] <= start:
-            t += 1
-        first = t
-        while t < len(ids) and encoding.offsets[t][0] < end:
-            t += 1
-        # The turn's text ends with the template's glue after the closing special token ("\n"):
-        # the model never writes that, so it is not learned.
-        last = max((j for j in range(first, t) if ids[j] in special), default=t - 1)
-        mask[first : last + 1] = [1] * (last + 1 - first)
-    return ids, mask
+    def assistant_spans(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation, and the [start, end) character span of each assistant turn in it.
+
+        Each turn's text is what rendering messages[:i+1] adds to messages[:i] with the generation
+        prompt: exactly what the model writes when asked to answer after messages[:i] (its content,
+        tool calls included, its closing special token and the template's glue after it).
+        """
+        text = self.render(messages, tools)
+        spans = []
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            if i == 0:
+                raise ValueError("messages[0] is an assistant turn: encode_chat needs a turn before it")
+            before = self.render(messages[:i], tools, add_generation_prompt=True)
+            through = self.render(messages[: i + 1], tools)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError(
+                    f"the chat template renders messages[{i}] differently depending on what follows it, "
+                    "so its assistant tokens cannot be found"
+                )
+            spans.append((len(before), len(through)))
+        return text, spans

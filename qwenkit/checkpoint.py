@@ -2,26 +2,29 @@
 generation_config.json. Loaded and saved unchanged, so transformers, vLLM and llama.cpp's
 converters read what qwenkit writes.
 
-Loading builds the model on the meta device and reads each tensor straight into its final
-storage, so a checkpoint never sits in memory twice (nor mapped beside its copy). Saving writes
-every file under a temporary name and renames it into place, the index last.
+This module knows tensors and files, not the model: `iter_tensors` reads a folder's tensors one at
+a time (qwenkit.model.load_model puts each straight into its final storage, so a checkpoint never
+sits in memory twice), and `write_checkpoint` writes a state dict, every file under a temporary
+name renamed into place, the index last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import struct
-import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qwenkit.config import QwenConfig, from_hf_config
+from qwenkit.config import QwenConfig
 from qwenkit.errors import CheckpointError
-from qwenkit.model import QwenForCausalLM
+from qwenkit.files import atomic_path, atomic_write
+from qwenkit.qwen_vocab import ENDOFTEXT_ID, IM_END_ID
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -64,31 +67,6 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
                 f"point --model at a local checkpoint folder (e.g. one made by `qwenkit new`)."
             ) from None
     raise CheckpointError(f"{path}: no such checkpoint folder")
-
-
-def load_model(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-) -> QwenForCausalLM:
-    """Load a Hugging Face checkpoint folder into a QwenForCausalLM.
-
-    Args:
-        path: a folder with config.json and model.safetensors (or shards and their index); a hub
-            id where a hub is reachable.
-        dtype: the weights' dtype in memory; default float32 on CPU and bfloat16 elsewhere (never
-            float16, which overflows on these weights).
-        device: where the weights go.
-    """
-    folder = resolve_model_path(path)
-    config = from_hf_config(folder / "config.json")
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    with torch.device("meta"):
-        model = QwenForCausalLM(config)
-    load_weights(model, folder, dtype=dtype, device=device)
-    model.model.rotary_emb.reset_buffers(device)
-    model.generation_config = read_generation_config(folder)
-    return model.eval()
 
 
 def checkpoint_files(folder: Path) -> dict[str, list[str]]:
@@ -143,13 +121,18 @@ def read_header(file: Path) -> dict[str, dict]:
     return header
 
 
-def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> None:
-    """Read every tensor of the checkpoint into `model` (built on the meta device), checking names
-    and shapes; errors name the file and the tensor."""
-    expected = dict(model.named_parameters())
-    tied = getattr(model.config, "tie_word_embeddings", False)
+def iter_tensors(
+    folder: Path, expected: Mapping[str, Sequence[int]], dtype: torch.dtype, tied: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a checkpoint folder as (name, a new CPU tensor in `dtype`), one at a time.
+
+    Names and shapes are checked against `expected` ({name: shape}); an unexpected name, a wrong
+    shape, a truncated file and, at the end, an expected name the checkpoint lacks each raise a
+    CheckpointError naming the file and the tensor. Rotary tables some exporters write are skipped
+    (recomputed), and so is `lm_head.weight` where the head is `tied` to the embeddings.
+    """
     seen: set[str] = set()
-    buffers: dict = {}  # _read_tensor's conversion buffers, freed when the load ends
+    buffers: dict = {}  # _read_tensor's conversion buffers, kept for the whole load
     for shard, names in checkpoint_files(folder).items():
         file = folder / shard
         header = read_header(file)
@@ -158,14 +141,14 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: tor
                 if name not in header:
                     raise CheckpointError(f"{file}: tensor '{name}' is in the index but not in the file")
                 if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                    continue  # recomputed / tied to the embeddings: harmless extras some exporters write
+                    continue
                 if name not in expected:
                     raise CheckpointError(f"{file}: unexpected tensor '{name}' (not part of this model's config)")
-                entry, param = header[name], expected[name]
-                if list(entry["shape"]) != list(param.shape):
+                entry = header[name]
+                if list(entry["shape"]) != list(expected[name]):
                     raise CheckpointError(
                         f"{file}: tensor '{name}' has shape {list(entry['shape'])}, "
-                        f"the config asks for {list(param.shape)}"
+                        f"the config asks for {list(expected[name])}"
                     )
                 f.seek(entry["data_start"])
                 try:
@@ -174,12 +157,21 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: tor
                     raise CheckpointError(
                         f"{file}: tensor '{name}' could not be read in full (truncated shard?)"
                     ) from None
-                _set_parameter(model, name, tensor.to(device))
                 seen.add(name)
+                yield name, tensor
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}{more}")
+
+
+def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Read every tensor of the checkpoint into `model` (built on the meta device) in place."""
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    for name, tensor in iter_tensors(folder, expected, dtype, getattr(model.config, "tie_word_embeddings", False)):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[attr] = nn.Parameter(tensor.to(device), requires_grad=module._parameters[attr].requires_grad)
 
 
 _CHUNK_BYTES = 64 << 20
@@ -217,12 +209,6 @@ def _read_into(f, t: torch.Tensor) -> None:
         view = view[n:]
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
-
-
 def read_generation_config(folder: Path) -> dict:
     file = folder / "generation_config.json"
     if not file.exists():
@@ -238,9 +224,9 @@ def default_generation_config(config: QwenConfig) -> dict:
     if config.model_type != "qwen2":
         return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     return {
-        "bos_token_id": 151643,
-        "pad_token_id": 151643,
-        "eos_token_id": [151645, 151643],
+        "bos_token_id": ENDOFTEXT_ID,
+        "pad_token_id": ENDOFTEXT_ID,
+        "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
         "do_sample": True,
         "temperature": 0.7,
         "top_p": 0.8,
@@ -262,21 +248,21 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def save_model(
-    model: QwenForCausalLM,
+def write_checkpoint(
+    state: Mapping[str, torch.Tensor],
+    config: QwenConfig,
+    generation_config: dict,
     out_dir: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write config.json, generation_config.json and the weights (sharded past max_shard_size)."""
+    """Write config.json, generation_config.json and the tensors of `state` (HF names), sharded
+    past max_shard_size, in `dtype` (default: the tensors' own)."""
     from safetensors.torch import save_file
 
-    if getattr(model, "quantized", False):
-        raise ValueError("this model is int8-quantized for inference; save the original (unquantized) model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
-    state = {name: p.detach() for name, p in model.named_parameters()}  # tied: no lm_head.weight
     dtype = dtype or next(iter(state.values())).dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     used = 0
@@ -293,26 +279,17 @@ def save_model(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    tag = uuid.uuid4().hex[:8]
-    temps = [out / f".{name}.{tag}.tmp" for name in names]
-    try:
-        for temp, shard in zip(temps, shards):
+    with contextlib.ExitStack() as stack:  # every shard is renamed into place only once all are written
+        for name, shard in zip(names, shards):
+            temp = stack.enter_context(atomic_path(out / name))
             tensors = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in shard.items()}
             save_file(tensors, str(temp), metadata={"format": "pt"})
             del tensors
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise
-    mode = 0o666 & ~_umask()  # safetensors writes 0600; a checkpoint is as readable as any file
-    for temp, name in zip(temps, names):
-        os.chmod(temp, mode)
-        os.replace(temp, out / name)
 
-    config = model.config.to_hf_dict()
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", model.generation_config or default_generation_config(model.config))
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _write_json(out / "config.json", hf_config)
+    _write_json(out / "generation_config.json", generation_config)
     index = out / INDEX_FILE
     if len(shards) > 1:
         total = sum(t.numel() * dtype.itemsize for t in state.values())
@@ -328,13 +305,5 @@ def save_model(
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

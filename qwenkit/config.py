@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import ConfigError
+from qwenkit.qwen_vocab import ENDOFTEXT_ID, IM_END_ID
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class QwenConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = True  # q/k/v bias: True for Qwen2, False for Llama
     initializer_range: float = 0.02
-    bos_token_id: int | None = 151643
-    eos_token_id: int | list[int] | None = 151645
+    bos_token_id: int | None = ENDOFTEXT_ID
+    eos_token_id: int | list[int] | None = IM_END_ID
     model_type: str = "qwen2"  # "qwen2" or "llama": which HF class the saved config names
     torch_dtype: str = "bfloat16"
 

@@ -100,7 +100,7 @@ def accuracy(model, tok, rows: list[dict]) -> float:
 
 
 def fine_tune(folder: Path, out: Path, quick: bool) -> list[tuple]:
-    from qwenkit.checkpoint import load_model
+    from qwenkit.hub import load_model
     from qwenkit.finetune.recipe import build_config
     from qwenkit.finetune.trainer import finetune
     from qwenkit.lora import load_adapter

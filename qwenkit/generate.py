@@ -1,18 +1,26 @@
 """Generation as plain functions over token ids: `sample`, `prefill`, `decode_step`, and
 `generate`, which yields one token per row per step. No tokenizer here; text streaming lives a
 layer up. Defaults come from the checkpoint's generation_config.json.
+
+The engine knows no model class: it drives a causal LM through `model(...)` and takes each
+generation's decoding step from `model.decoder(cache)`, the one seam where speed is applied
+(qwenkit.cpu.accelerate puts native decoding there). So qwenkit.model can offer `model.generate`
+on top of this module without an import cycle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
-from qwenkit import kernels
-from qwenkit.errors import ContextLengthError
-from qwenkit.model import KVCache, QwenForCausalLM
+from qwenkit.cache import KVCache
+from qwenkit.errors import ContextLengthError, UserError
+
+if TYPE_CHECKING:
+    from qwenkit.model import QwenForCausalLM
 
 
 @dataclass
@@ -32,13 +40,24 @@ class SamplingParams:
 
     @classmethod
     def from_model(cls, model: QwenForCausalLM, **overrides) -> SamplingParams:
-        """The checkpoint's generation_config.json, then the caller's overrides (None: keep)."""
+        """The checkpoint's generation_config.json, then the caller's overrides (None: keep).
+
+        The temperature rule, for every caller (CLI, server, applications): a temperature given
+        without `do_sample` turns sampling on when it is above 0, and a temperature of 0 (or a
+        checkpoint's) is always greedy. A negative one is a UserError.
+        """
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        temperature = given.get("temperature")
+        if temperature is not None:
+            if temperature < 0:
+                raise UserError(f"temperature must be >= 0, got {temperature}")
+            given.setdefault("do_sample", temperature > 0)
         values = {k: v for k, v in model.generation_config.items() if k in known}
-        values.update({k: v for k, v in overrides.items() if k in known and v is not None})
+        values.update(given)
         eos = values.get("eos_token_id", model.config.eos_token_id)
         values["eos_token_id"] = tuple([eos] if isinstance(eos, int) else eos or ())
         params = cls(**values)
@@ -69,21 +88,17 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """argmax(-1) of (B, vocab) logits, the first maximum where several tie, as torch.argmax.
 
-    On CPU, torch.argmax reads a 152k vocabulary in ~100 us (bf16: 5x that), and converting bf16
-    logits to fp32 first costs ~150 us in a decoding loop (a fresh 600 KB buffer each step): 1% of
-    a small model's step. The native kernel takes ~15 us; without it, the maxima of 64 blocks in
-    the logits' own dtype (vectorized, threaded, exact), then the argmax within the first block
-    that holds the row's maximum, give the same index in ~30 us.
+    A decoding step's argmax over a 152k vocabulary is read whole by one core: the maxima of 64
+    blocks in the logits' own dtype first (vectorized, no fp32 copy of bf16 logits), then the
+    argmax within the first block that holds the row's maximum, give the same index several times
+    faster on CPU.
     """
-    chosen = kernels.argmax(logits)
-    if chosen is not None:
-        return chosen
     B, V = logits.shape
-    if not logits.is_cpu or V % 64:
-        return logits.float().argmax(-1)
+    if V % 64:
+        return logits.argmax(-1)
     blocks = logits.reshape(B, 64, V // 64)
     first = blocks.amax(-1).float().argmax(-1)  # (B,): the first block holding the maximum (or a NaN)
-    return first * (V // 64) + blocks[torch.arange(B), first].float().argmax(-1)
+    return first * (V // 64) + blocks[torch.arange(B, device=logits.device), first].float().argmax(-1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -107,6 +122,16 @@ def context_length(config) -> int:
     return config.max_position_embeddings
 
 
+def check_fits(n_tokens: int, limit: int) -> None:
+    """The one context rule: a prompt of `n_tokens` must leave room for at least one new token in a
+    context of `limit` positions (the model's `context_length`, or a server's smaller window)."""
+    if n_tokens >= limit:
+        raise ContextLengthError(
+            f"the prompt has {n_tokens} tokens; the model's context holds {limit}, "
+            f"so no token can be generated. Shorten the prompt."
+        )
+
+
 @torch.inference_mode()
 def prefill(
     model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache
@@ -116,9 +141,13 @@ def prefill(
 
 
 @torch.inference_mode()
-def decode_step(model: QwenForCausalLM, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed one token per row (B,); returns the next logits (B, vocab)."""
-    return model(tokens[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+def decode_step(
+    model: QwenForCausalLM, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Feed one token per row (B,); returns the next logits (B, vocab). A row whose `attention_mask`
+    (B,) is 0 stays where it is (a free row of a server's cache)."""
+    mask = None if attention_mask is None else attention_mask[:, None]
+    return model(tokens[:, None], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
 
 
 def generate(
@@ -137,11 +166,7 @@ def generate(
     p = params or SamplingParams.from_model(model)
     B, T = input_ids.shape
     limit = context_length(model.config)
-    if T >= limit:
-        raise ContextLengthError(
-            f"the prompt has {T} tokens; the model's context holds {limit}, "
-            f"so no token can be generated. Shorten the prompt."
-        )
+    check_fits(T, limit)
     max_new = min(p.max_new_tokens, limit - T)
     generator = None
     if p.seed is not None:
@@ -155,6 +180,7 @@ def generate(
         counts = torch.zeros(B, model.config.vocab_size, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits = prefill(model, input_ids, attention_mask, cache)
+    decode = model.decoder(cache)  # this generation's step: the plain model's, or an accelerator's
     for step in range(max_new):
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
         if counts is not None:
@@ -170,7 +196,7 @@ def generate(
             seen = torch.cat([seen, token[:, None]], dim=1)
         if counts is not None:
             counts[torch.arange(B), token] += (~done).float()
-        logits = decode_step(model, token, cache)
+        logits = decode(token)
 
 
 def generate_ids(

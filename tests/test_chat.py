@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qwenkit import load_tokenizer
-from qwenkit.chat import apply_chat_template, encode_chat
+from qwenkit.chat import ChatTemplate
+from qwenkit.tokenizer import encode_chat
 
 WEATHER = {
     "type": "function",
@@ -127,7 +128,7 @@ def test_builtin_template_is_the_official_one(tok_qwen, tok_official_template):
     )
     ids = tok_qwen.apply_chat_template([U1], add_generation_prompt=True, return_tensors="pt")
     assert ids.dtype == torch.long and ids.shape == (1, len(tok_qwen.encode(text)))
-    assert apply_chat_template(tok_qwen, [U1], tokenize=False) == tok_qwen.apply_chat_template([U1], tokenize=False)
+    assert ChatTemplate(tok_qwen.chat_template).render([U1]) == tok_qwen.apply_chat_template([U1], tokenize=False)
     inputs = tok_qwen.apply_chat_template([U1], add_generation_prompt=True, return_dict=True, return_tensors="pt")
     assert torch.equal(inputs["input_ids"], ids) and inputs["attention_mask"].shape == ids.shape
 

@@ -177,7 +177,7 @@ def test_hub_id_without_hub_names_the_local_alternative(monkeypatch):
 # ---- memory: the 0.5B preset loads at about the size of its weights -----------------------------------
 
 MEASURE = r"""
-import sys, torch, qwenkit.checkpoint
+import sys, torch, qwenkit.model
 
 def status(field):  # kB figures of this process from /proc; ru_maxrss would include the parent's
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
@@ -185,7 +185,7 @@ def status(field):  # kB figures of this process from /proc; ru_maxrss would inc
 torch.ones(1)  # let torch settle its own allocations before the baseline
 open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
 base = status("VmRSS")
-model = qwenkit.checkpoint.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model = qwenkit.model.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 peak, kept = status("VmHWM"), status("VmRSS")
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(weights, peak - base, kept - base)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from reference import random_model, tiny_config
 
-from qwenkit.checkpoint import load_model
+from qwenkit.model import load_model
 from qwenkit.lora import (
     ALL_LINEAR,
     AdapterError,

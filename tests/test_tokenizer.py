@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qwenkit
-import qwenkit.tokenizer as qtok
+import qwenkit.qwen_vocab as qtok
 from qwenkit import load_tokenizer
 from qwenkit.tokenizer import StreamDecoder, Tokenizer
 

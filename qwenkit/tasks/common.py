@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qwenkit.generate import SamplingParams
-from qwenkit.model import QwenForCausalLM, linear
+from qwenkit.model import QwenForCausalLM
 from qwenkit.text import Completion, complete
 from qwenkit.tokenizer import Tokenizer
 
@@ -92,7 +92,7 @@ def continuation_logprobs(
     """
     if len(prefixes) != len(continuations):
         raise ValueError("one continuation per prefix")
-    head: Callable = model.lm_head if model.lm_head is not None else (lambda h: linear(h, model.output_weight()))
+    head: Callable = model.logits
     scores: list[float] = []
     for start in range(0, len(prefixes), batch_size):
         rows = [

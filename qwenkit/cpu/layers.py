@@ -1,0 +1,81 @@
+"""Streaming versions of the model's modules, for decoding on the CPU.
+
+Decoding reads every weight once per token, so it is bound by memory bandwidth, and PyTorch runs a
+product of a few rows on one core at about half of it. Each class here is a subclass of the module
+it replaces, with no state of its own: `qwenkit.cpu.accelerate` retypes the model's modules in
+place, so parameters, names, hooks and state dicts stay as they were. In inference (no autograd)
+a product of at most ops.MAX_ROWS rows goes to a native kernel that streams the weight on every
+core; everything else is the parent's forward, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.cpu import ops
+from qwenkit.model import Attention, RMSNorm
+from qwenkit.quant import Int8Linear
+
+
+def decoding(x: torch.Tensor, width: int) -> bool:
+    """A few rows of `width` features on the CPU, outside autograd: what the kernels are for."""
+    return x.is_cpu and not torch.is_grad_enabled() and x.numel() <= ops.MAX_ROWS * width
+
+
+class StreamingLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.gemv(x, self.weight, self.bias) if decoding(x, self.in_features) else None
+        return F.linear(x, self.weight, self.bias) if y is None else y
+
+
+class StreamingRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.rms_norm(x, self.weight, self.eps) if decoding(x, x.shape[-1]) else None
+        return super().forward(x) if y is None else y
+
+
+class StreamingInt8Linear(Int8Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Activations rounded to bf16 first, as the parent's torch kernel takes them.
+        y = ops.gemv_int8(x.to(torch.bfloat16), self.weight_int8, self.scale) if decoding(x, self.in_features) else None
+        if y is None:
+            return super().forward(x)
+        y = y.to(x.dtype)  # (..., out): the kernel accumulates in fp32
+        return y if self.bias is None else y + self.bias
+
+
+class StreamingAttention(Attention):
+    """One new token per row with a cache: RoPE, the cache write and the attention in one native
+    call (the same values as the parent's path), instead of about thirty small PyTorch ops."""
+
+    def forward(self, x, cos, sin, mask, cache=None, slots=None) -> torch.Tensor:
+        i = self.layer_idx
+        if cache is None or x.shape[1] != 1 or torch.is_grad_enabled() or not x.is_cpu:
+            return super().forward(x, cos, sin, mask, cache, slots)
+        if x.dtype not in ops.SUFFIXES or cache.k[i].dtype != x.dtype:
+            return super().forward(x, cos, sin, mask, cache, slots)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, 1, H*D), (B, 1, K*D), (B, 1, K*D)
+        y = ops.decode_attention(q, k, v, cos, sin, cache.k[i], cache.v[i], slots[:, 0], cache.valid)
+        if y is None:  # a layout the kernel does not take: the parent's path, from the start
+            return super().forward(x, cos, sin, mask, cache, slots)
+        return self.o_proj(y)  # (B, 1, C)
+
+
+STREAMING: dict[type, type] = {
+    nn.Linear: StreamingLinear,
+    RMSNorm: StreamingRMSNorm,
+    Attention: StreamingAttention,
+    Int8Linear: StreamingInt8Linear,
+}
+
+
+def stream(model: nn.Module) -> None:
+    """Retype every plain module of `model` that has a streaming subclass, in place. Each subclass
+    adds no state, so the module keeps its parameters, buffers and hooks (as FSDP2's fully_shard
+    retypes modules); layers added since the last call (quantize, merge_lora) are taken too."""
+    for module in model.modules():
+        streaming = STREAMING.get(type(module))
+        if streaming is not None:
+            module.__class__ = streaming

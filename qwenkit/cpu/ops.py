@@ -1,0 +1,150 @@
+"""The native kernels' Python side: one table of C signatures, and a function per kernel.
+
+Each function takes and returns torch tensors, and returns None where its kernel does not apply
+(another dtype, a strided tensor, more rows than MAX_ROWS, no library), so that a caller falls
+back to PyTorch. None of them records anything for autograd: callers use them under no_grad.
+Shapes: M rows of x, N output features, K input features; B rows, H heads, K kv heads, S slots,
+D head dim.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from qwenkit.cpu import build
+
+MAX_ROWS = 8  # rows of x per call (csrc's MAX_ROWS); more rows are a matmul, where PyTorch is the better kernel
+
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+# Every exported function of csrc/, its parameters in C order: the one place the binding is typed.
+# csrc/qwenkit.h declares the same, and tests/test_cpu.py reads the header and checks the two agree:
+# ctypes trusts this table, and a mismatch would corrupt memory, not raise.
+SIGNATURES: dict[str, tuple[tuple[str, type], ...]] = {
+    "gemv": (("x", _P), ("w", _P), ("scale", _P), ("b", _P), ("y", _P), ("M", _L), ("N", _L), ("K", _L),
+             ("threads", _I)),
+    "decode_attention": (("q", _P), ("k", _P), ("v", _P), ("cos", _P), ("sin", _P), ("kc", _P), ("vc", _P),
+                         ("slot", _P), ("valid", _P), ("out", _P), ("B", _L), ("H", _L), ("K", _L), ("S", _L),
+                         ("D", _L), ("threads", _I)),
+    "rms_norm": (("x", _P), ("w", _P), ("y", _P), ("rows", _L), ("C", _L), ("eps", _F)),
+    "decode_layers": (("p", _P), ("L", _L), ("final_norm", _P), ("x", _P), ("cos", _P), ("sin", _P), ("slot", _P),
+                      ("valid", _P), ("B", _L), ("C", _L), ("H", _L), ("K", _L), ("S", _L), ("D", _L), ("I", _L),
+                      ("eps", _F), ("threads", _I)),
+}  # fmt: skip
+# Each kernel is compiled once per dtype; gemv also for int8 weights (qwenkit.quant's layout).
+SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+EXPORTS = {f"qwenkit_{name}_{suffix}": name for name in SIGNATURES for suffix in SUFFIXES.values()}
+EXPORTS["qwenkit_gemv_int8"] = "gemv"
+
+_functions: dict[str, ctypes._CFuncPtr] = {}
+
+
+def function(name: str, dtype: torch.dtype | None = None):
+    """The typed ctypes function `qwenkit_{name}_{dtype}` (or the exact export name), or None
+    where the library is unavailable or there is no variant for this dtype."""
+    lib = build.library()
+    if lib is None:
+        return None
+    export = name if dtype is None else f"qwenkit_{name}_{SUFFIXES.get(dtype, '')}"
+    fn = _functions.get(export)
+    if fn is None and export in EXPORTS:
+        fn = getattr(lib, export)
+        fn.argtypes = [kind for _, kind in SIGNATURES[EXPORTS[export]]]
+        fn.restype = ctypes.c_int
+        _functions[export] = fn
+    return fn
+
+
+def available() -> bool:
+    return build.library() is not None
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"qwenkit's {what} kernel rejected its inputs (status {status})")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` for up to MAX_ROWS rows of x (..., K), or None where the kernel
+    does not apply: fp32 or bf16, every tensor in one dtype on the CPU, a contiguous weight (N, K)."""
+    N, K = weight.shape
+    M = x.numel() // K if K else 0
+    if not 0 < M <= MAX_ROWS or not x.is_cpu or not weight.is_cpu or weight.dtype != x.dtype:
+        return None
+    if not weight.is_contiguous() or (bias is not None and (bias.dtype != x.dtype or not bias.is_cpu)):
+        return None
+    fn = function("gemv", x.dtype)
+    if fn is None:
+        return None
+    x = x.contiguous()
+    b = None if bias is None else bias.contiguous().data_ptr()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    _check(fn(x.data_ptr(), weight.data_ptr(), None, b, y.data_ptr(), M, N, K, torch.get_num_threads()), "gemv")
+    return y
+
+
+def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """(x @ weight.T) * scale in fp32 for up to MAX_ROWS rows of x (..., K): int8 weights (N, K) with
+    one bf16 scale per output row (qwenkit.quant's layout). None where the kernel does not apply."""
+    N, K = weight.shape
+    M = x.numel() // K if K else 0
+    if not 0 < M <= MAX_ROWS or not x.is_cpu or not weight.is_cpu or weight.dtype != torch.int8:
+        return None
+    if not weight.is_contiguous() or scale.dtype != torch.bfloat16 or scale.shape != (N,) or not scale.is_contiguous():
+        return None
+    fn = function("qwenkit_gemv_int8")
+    if fn is None:
+        return None
+    x = x.float().contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    status = fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(), M, N, K, torch.get_num_threads())
+    _check(status, "gemv_int8")
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """qwenkit.model.RMSNorm of up to MAX_ROWS rows of x (..., C), fp32 or bf16, or None where the
+    kernel does not apply."""
+    C = x.shape[-1]
+    if not 0 < x.numel() <= MAX_ROWS * C or not x.is_cpu or not weight.is_cpu or weight.dtype != x.dtype:
+        return None
+    if weight.shape != (C,) or not weight.is_contiguous():
+        return None
+    fn = function("rms_norm", x.dtype)
+    if fn is None:
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _check(fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // C, C, eps), "rms_norm")
+    return y
+
+
+def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, valid) -> torch.Tensor | None:
+    """One decoding step of a layer's attention (RoPE, the cache write, attention), or None where
+    the kernel does not apply.
+
+    q (B, 1, H*D), k and v (B, 1, K*D): the projections of one new token per row, before RoPE;
+    cos, sin (B, 1, D); k_cache, v_cache (B, K, S, D), written at `slots` (B,); valid (B, S), the
+    slots holding real tokens (the new one's flag already set). A row attends to its valid slots
+    before its new one, and to the new one. Returns (B, 1, H*D) in q's dtype.
+    """
+    B, K, S, D = k_cache.shape
+    tensors = (q, k, v, cos, sin, k_cache, v_cache)
+    if q.dtype not in SUFFIXES or any(not t.is_cpu or t.dtype != q.dtype for t in tensors):
+        return None
+    if not all(t.is_contiguous() for t in (*tensors, slots, valid)) or q.shape[:2] != (B, 1) or q.shape[-1] % D:
+        return None
+    if k.shape != (B, 1, K * D) or v.shape != k.shape or cos.shape != (B, 1, D) or sin.shape != cos.shape:
+        return None
+    if v_cache.shape != k_cache.shape or slots.dtype != torch.int64 or slots.shape != (B,):
+        return None
+    if valid.dtype != torch.bool or valid.shape != (B, S):
+        return None
+    fn = function("decode_attention", q.dtype)
+    if fn is None:
+        return None
+    out = torch.empty_like(q)
+    pointers = (t.data_ptr() for t in (q, k, v, cos, sin, k_cache, v_cache, slots, valid, out))
+    _check(fn(*pointers, B, q.shape[-1] // D, K, S, D, torch.get_num_threads()), "decode_attention")
+    return out
