@@ -1,8 +1,11 @@
 """Text in, text out, one layer above the engine.
 
 Prompts (plain text or chat messages) go through the tokenizer and its chat template; the
-engine's tokens come back as text through the streaming detokenizer, row by row, with stop
-strings that may span tokens. The CLI and the server build on `TextStream` and `complete`.
+engine's tokens come back as text row by row through `RowText`, the one token-to-text state
+machine: the streaming detokenizer, stop strings that may span tokens, the end-of-turn ids, the
+token budget and the finish reason. `TextStream` and `complete` drive it over a batch for the
+CLI and the applications; the server's engine keeps one `RowText` per request, so a served
+request's text is the text `TextStream` gives for the same tokens.
 """
 
 from __future__ import annotations
@@ -86,6 +89,59 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+class RowText:
+    """One row's generated tokens turned into text, as they come.
+
+    `push` each token; it returns the text now safe to show (a character split across tokens, or
+    a tail that may grow into a stop string, is held back) and whether the row has finished:
+    an end-of-turn id releases the held text and ends it with "stop", as does a stop string (cut,
+    never shown), and the budget's last token ends it with "length". A caller that ends a row
+    itself (`generate` stopped at max_new_tokens or the context) calls `finish`. `TextStream`
+    keeps one per row, the server's engine one per request.
+
+    Args:
+        tok: the tokenizer.
+        stop: strings that end the row; they are not part of its text.
+        eos: end-of-turn ids; they are not part of the row's ids or text.
+        budget: tokens the row may generate (None: the caller ends the row with `finish`).
+    """
+
+    def __init__(self, tok: Tokenizer, stop: Sequence[str] = (), eos: Sequence[int] = (), budget: int | None = None):
+        self.decoder = StreamDecoder(tok)
+        self.matcher = StopMatcher(stop)
+        self.eos = frozenset(eos)
+        self.budget = budget
+        self.token_ids: list[int] = []  # the completion's ids, an end-of-turn id not among them
+        self.finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add the row's next token; return (new text, whether the row has finished). A finished
+        row ignores what follows (a batch goes on yielding pad ids for it)."""
+        if self.finished:
+            return "", True
+        if token in self.eos:
+            return self.finish("stop"), True
+        self.token_ids.append(token)
+        text, hit = self.matcher.feed(self.decoder.push(token))
+        if hit:
+            self.finish_reason = "stop"
+            return text, True
+        if self.budget is not None and len(self.token_ids) >= self.budget:
+            return text + self.finish("length"), True
+        return text, False
+
+    def finish(self, reason: str) -> str:
+        """End the row with `reason`; return the text the detokenizer and the stop matcher still
+        hold (a stop string completed by that tail is still cut)."""
+        self.finish_reason = reason
+        text, hit = self.matcher.feed(self.decoder.flush())
+        return text if hit else text + self.matcher.flush()
+
+
 class TextStream:
     """Generate for a batch of token-id prompts; iterate for each step's text deltas, one per row.
 
@@ -109,46 +165,32 @@ class TextStream:
         B = len(self.prompts)
         pad = self.params.pad_token_id if self.params.pad_token_id is not None else (self.tok.pad_token_id or 0)
         ids, mask = left_pad(self.prompts, pad)
-        decoders = [StreamDecoder(self.tok) for _ in range(B)]
-        matchers = [StopMatcher(self.stop) for _ in range(B)]
-        eos = set(self.params.eos_token_id)
-        stopped = torch.zeros(B, dtype=torch.bool)
-        rows = range(B)
+        # No budget: `generate` ends the rows that run out of tokens, at max_new_tokens or the context.
+        rows = [RowText(self.tok, self.stop, self.params.eos_token_id) for _ in range(B)]
+        for c, row in zip(self.completions, rows):
+            c.token_ids = row.token_ids
 
-        def stop_rows(_tokens):
-            return stopped.clone()
+        # A stop string is text, which `generate` cannot see: it learns of those rows from here.
+        def stop_rows(tokens: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([row.finished for row in rows], device=tokens.device)  # (B,)
 
         for tokens in generate(
             self.model, ids.to(self.model.device), mask.to(self.model.device), self.params, stop_rows
         ):
-            deltas = [""] * B
-            for i, token in zip(rows, tokens.tolist()):
-                c = self.completions[i]
-                if c.finish_reason is not None:
-                    continue
-                if token in eos:
-                    c.finish_reason = "stop"
-                    deltas[i], _ = matchers[i].feed(decoders[i].flush())
-                    deltas[i] += matchers[i].flush()
-                    continue
-                c.token_ids.append(token)
-                deltas[i], hit = matchers[i].feed(decoders[i].push(token))
-                if hit:
-                    c.finish_reason = "stop"
-                    stopped[i] = True
-            for i, d in enumerate(deltas):
-                self.completions[i].text += d
+            deltas = [row.push(token)[0] for row, token in zip(rows, tokens.tolist())]
+            self._record(rows, deltas)
             yield deltas
-        # Rows that ran out of tokens: whatever the decoder and the stop matcher still hold.
-        tail = [""] * B
-        for i, c in enumerate(self.completions):
-            if c.finish_reason is None:
-                c.finish_reason = "length"
-                out, hit = matchers[i].feed(decoders[i].flush())
-                tail[i] = out if hit else out + matchers[i].flush()
-                c.text += tail[i]
+        # Rows still going ran out of tokens: whatever the detokenizer and the stop matcher hold.
+        tail = ["" if row.finished else row.finish("length") for row in rows]
+        self._record(rows, tail)
         if any(tail):
             yield tail
+
+    def _record(self, rows: list[RowText], deltas: list[str]) -> None:
+        """Add each row's delta to its completion, with the row's finish reason so far."""
+        for c, row, d in zip(self.completions, rows, deltas):
+            c.text += d
+            c.finish_reason = row.finish_reason
 
 
 def stream_text(

@@ -27,10 +27,13 @@ from reference import random_model, tiny_config
 
 import qwenkit
 from qwenkit.checkpoint import default_generation_config
-from qwenkit.generate import ContextLengthError, SamplingParams
-from qwenkit.server.app import _ToolCallWatch, create_app
+from qwenkit.errors import ContextLengthError, QwenkitError
+from qwenkit.generate import SamplingParams
+from qwenkit.server.app import create_app
 from qwenkit.server.engine import Engine, QueueFull, Request, wait_idle
-from qwenkit.server.schemas import parse_tool_calls
+from qwenkit.server.protocol import APIError
+from qwenkit.server.tool_calls import ToolCallWatch, parse_tool_calls
+from qwenkit.text import TextStream
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -413,14 +416,14 @@ def test_tool_call_parser():
 
 
 def test_streamed_tool_call_is_held_back_across_deltas():
-    watch = _ToolCallWatch()
+    watch = ToolCallWatch()
     pieces = ["Checking", " now <to", "ol_", 'call>{"name": "f", ', '"arguments": {"a": [1]}}', "</tool_call>"]
     shown = "".join(watch.feed(p) for p in pieces)
     rest, calls = watch.finish()
     assert shown + rest == "Checking now " and "<" not in shown
     assert calls[0]["function"]["name"] == "f" and json.loads(calls[0]["function"]["arguments"]) == {"a": [1]}
     # Text that only looked like the start of a call is released at the end.
-    watch = _ToolCallWatch()
+    watch = ToolCallWatch()
     shown = "".join(watch.feed(p) for p in ["a <", "tool"])
     assert shown + watch.finish()[0] == "a <tool"
 
@@ -556,7 +559,7 @@ def test_32_concurrent_streams_complete(srv):
 
     results = asyncio.run(asyncio.wait_for(main(), timeout=120))
     assert len(results) == n_clients
-    for text, finish, usage in results:
+    for _text, finish, usage in results:
         assert finish in ("stop", "length") and usage is not None
         assert finish == "stop" or usage.completion_tokens == max_tokens
     tokens = srv.engine.stats["tokens"] - tokens_before
@@ -604,10 +607,47 @@ def test_engine_without_http(random_dir):
         with pytest.raises(QueueFull):
             engine.submit([Request(ids, params) for _ in range(3)])
         assert engine.waiting == 0 and engine.stats["rejected"] == 3
-        with pytest.raises(ContextLengthError):
+        with pytest.raises(ContextLengthError, match="64 tokens"):
             engine.submit([Request(list(range(64)), params)])
     finally:
         engine.close()
+
+
+def test_engine_text_equals_text_stream(random_dir):
+    """The engine and `text.TextStream` share one token-to-text state machine: for a prompt alone
+    they give the same text, ids and finish reason, with and without a stop string."""
+    model, tok = qwenkit.load_model(random_dir), qwenkit.load_tokenizer(random_dir)
+    engine = Engine(model, tok, max_batch=2, max_queue=2, max_model_len=64).start()
+    try:
+        ids = tok.encode("Once upon a time")
+        params = SamplingParams.from_model(model, max_new_tokens=12, do_sample=False)
+        free = engine.generate(ids, params, timeout=60)
+        middle = len(free.text) // 2
+        stop = free.text[middle : middle + 2]
+        assert free.finish_reason == "length" and stop.strip() and "\ufffd" not in stop
+        for stops in ([], [stop]):
+            served = engine.generate(ids, params, stops, timeout=60)
+            run = TextStream(model, tok, [ids], params, stops)
+            for _ in run:
+                pass
+            local = run.completions[0]
+            assert (served.text, served.token_ids, served.finish_reason) == (
+                local.text,
+                local.token_ids,
+                local.finish_reason,
+            )
+        assert local.finish_reason == "stop" and stop not in local.text
+    finally:
+        engine.close()
+
+
+def test_server_errors_share_the_one_base():
+    assert issubclass(QueueFull, QwenkitError)
+    e = APIError(400, "n must be at most 16.", param="n")
+    assert isinstance(e, QwenkitError) and e.field == "n" and str(e) == "n: n must be at most 16."
+    assert e.body() == {
+        "error": {"message": "n must be at most 16.", "type": "invalid_request_error", "param": "n", "code": None}
+    }
 
 
 # ---- the command -------------------------------------------------------------------------------------

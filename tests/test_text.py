@@ -1,4 +1,5 @@
-"""The text layer: streaming deltas, stop strings across tokens, batches, context limits, penalties."""
+"""The text layer: streaming deltas, stop strings across tokens, batches, context limits, penalties,
+and `RowText`, the token-to-text state machine that `TextStream` and the server's engine share."""
 
 from dataclasses import replace
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from reference import hf_twin, random_model, tiny_config
 
-from qwenkit.generate import ContextLengthError, SamplingParams, apply_output_penalties, generate
-from qwenkit.text import StopMatcher, TextStream, complete, encode_prompt, stream_text
+from qwenkit.errors import ContextLengthError
+from qwenkit.generate import SamplingParams, apply_output_penalties, generate
+from qwenkit.text import RowText, StopMatcher, TextStream, complete, encode_prompt, stream_text
 
 GREEDY = SamplingParams(max_new_tokens=24, eos_token_id=(151645, 151643), pad_token_id=151643)
 
@@ -62,6 +64,34 @@ def test_stop_matcher_holds_back_only_possible_starts():
     assert m.feed("ST") == ("", False)
     assert m.feed("AND") == ("STAND", False)
     assert m.flush() == ""
+
+
+def test_row_text_ends_a_row_on_eos_stop_string_or_budget(tok_qwen):
+    eos = tok_qwen.convert_tokens_to_ids("<|im_end|>")
+    hi_st = tok_qwen.encode("Hi ST")  # "ST" could still become "STOP": held back
+    row = RowText(tok_qwen, stop=["STOP"], eos=[eos])
+    assert "".join(row.push(t)[0] for t in hi_st) == "Hi " and not row.finished
+    # The end-of-turn token releases the held text, ends the row, and is not one of its ids.
+    assert row.push(eos) == ("ST", True)
+    assert (row.finish_reason, row.token_ids) == ("stop", hi_st)
+    assert row.push(hi_st[0]) == ("", True) and row.token_ids == hi_st  # a finished row takes no more
+
+    row = RowText(tok_qwen, stop=["STOP"], eos=[eos])
+    pushed = [row.push(t) for t in tok_qwen.encode("Hi STOP there")]
+    assert pushed == [("Hi", False), (" ", True), ("", True)]  # the stop string is cut, never shown
+    assert row.finish_reason == "stop"
+
+    # The budget's last token ends the row with "length" and releases all it holds: a possible
+    # stop string, and a character whose bytes were cut short.
+    parrot = tok_qwen.encode("🦜")  # two tokens, each half of the emoji's bytes
+    row = RowText(tok_qwen, stop=["STOP"], budget=len(hi_st))
+    assert [row.push(t) for t in hi_st] == [("Hi", False), (" ST", True)] and row.finish_reason == "length"
+    row = RowText(tok_qwen, budget=3)
+    assert [row.push(t) for t in [*hi_st, parrot[0]]] == [("Hi", False), (" ST", False), ("\ufffd", True)]
+    # With no budget the caller ends the row, and gets what is held.
+    row = RowText(tok_qwen)
+    assert row.push(parrot[0]) == ("", False) and row.push(parrot[1]) == ("🦜", False)
+    assert row.push(parrot[0]) == ("", False) and row.finish("length") == "\ufffd"
 
 
 def test_eos_ends_a_row_with_reason_stop(model, tok_qwen):

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API over the engine: FastAPI, served by uvicorn.
 
 POST /v1/chat/completions and /v1/completions, GET /v1/models, /v1/models/{id} and /health.
-A call is validated (schemas.py), rendered and tokenized, split into `n` engine requests, and
-answered whole or as server-sent events ending with `data: [DONE]`. Every error answers with
-OpenAI's error body; the server goes on serving.
+A call is validated (protocol.py), rendered and tokenized, split into `n` engine requests, and
+answered whole or as server-sent events ending with `data: [DONE]`, its tool calls parsed by
+tool_calls.py. Every error answers with OpenAI's error body; the server goes on serving.
 
 The engine runs on its own thread; each call gets its outputs through an asyncio queue, filled
 on the event loop by one wake-up per engine step (`_Mailbox`). When a client goes away (a closed stream, or a dropped
@@ -30,20 +30,11 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from qwenkit.generate import SamplingParams
+from qwenkit.errors import ContextLengthError
+from qwenkit.generate import SamplingParams, check_fits
 from qwenkit.server.engine import Engine, Output, QueueFull, Request
-from qwenkit.server.schemas import (
-    TOOL_CALL_START,
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    chat_messages,
-    parse_request,
-    parse_tool_calls,
-    parses_tools,
-    tool_prefix,
-)
-from qwenkit.text import StopMatcher
+from qwenkit.server.protocol import APIError, ChatRequest, CompletionRequest, chat_messages, parse_request
+from qwenkit.server.tool_calls import ToolCallWatch, parse_tool_calls, parses_tools, tool_prefix
 
 DEFAULT_MAX_BODY = 4 * 2**20
 
@@ -248,34 +239,6 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-class _ToolCallWatch:
-    """Streams a reply's content, but holds back everything from `<tool_call>` on (even a partial
-    `<tool_` that may become one), to be parsed into tool_calls when the reply ends."""
-
-    def __init__(self, prefix: str = ""):
-        self.matcher = StopMatcher([TOOL_CALL_START])
-        self.seen, self.sent = "", 0
-        self.held: str | None = prefix or None  # a forced prefix is a call already opened
-
-    def feed(self, text: str) -> str:
-        if self.held is not None:
-            self.held += text
-            return ""
-        self.seen += text
-        safe, hit = self.matcher.feed(text)
-        self.sent += len(safe)
-        if hit:
-            self.held = self.seen[self.sent :]
-        return safe
-
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """(content still to send, tool calls)."""
-        if self.held is None:
-            return self.matcher.flush(), []
-        content, calls = parse_tool_calls(self.held)
-        return (content or "", calls) if calls else (self.held, [])
-
-
 class _API:
     def __init__(self, engine: Engine, model_name: str, max_body_bytes: int):
         self.engine, self.tok, self.model_name = engine, engine.tok, model_name
@@ -329,26 +292,20 @@ class _API:
         )
 
     def sampling(self, request, prompt_len: int, max_tokens: int | None, what: str) -> list[SamplingParams]:
-        """Each choice's parameters: the checkpoint's generation_config.json, then the request's;
-        a seeded call gives choice i the seed + i, so that its n choices differ yet reproduce."""
+        """Each choice's parameters: the checkpoint's generation_config.json, then the request's
+        (`SamplingParams.from_model` holds the temperature rule); a seeded call gives choice i the
+        seed + i, so that its n choices differ yet reproduce."""
         limit = self.engine.max_len
-        if prompt_len >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, your {what} "
-                f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
-                param=what,
-                code="context_length_exceeded",
+        try:
+            check_fits(prompt_len, limit)
+        except ContextLengthError:  # the one context rule, answered in OpenAI's words, which clients match
+            raise _context_exceeded(limit, f"your {what} resulted in {prompt_len} tokens", what, what) from None
+        if max_tokens is not None and prompt_len + max_tokens > limit:  # OpenAI's rule for max_tokens
+            asked = (
+                f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the {what}, "
+                f"{max_tokens} in the completion)"
             )
-        if max_tokens is not None and prompt_len + max_tokens > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
-                f"completion). Please reduce the length of the {what} or completion.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+            raise _context_exceeded(limit, asked, f"{what} or completion", "max_tokens")
         overrides = {
             k: getattr(request, k)
             for k in (
@@ -362,8 +319,6 @@ class _API:
                 "seed",
             )
         }
-        if request.temperature is not None:
-            overrides["do_sample"] = request.temperature > 0
         params = SamplingParams.from_model(
             self.engine.model, max_new_tokens=max_tokens or limit - prompt_len, **overrides
         )
@@ -472,6 +427,16 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _context_exceeded(limit: int, asked: str, reduce: str, param: str) -> APIError:
+    return APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, {asked}. "
+        f"Please reduce the length of the {reduce}.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -525,7 +490,7 @@ async def _chat_events(
         }
 
     n = len(run.requests)
-    watches = [_ToolCallWatch(prefix) if tools_on else None for _ in range(n)]
+    watches = [ToolCallWatch(prefix) if tools_on else None for _ in range(n)]
     tokens = [0] * n
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})

@@ -12,8 +12,9 @@ engine's thread (the web layer hands them to its event loop).
 
 Each request keeps its own sampling parameters, seed, stop strings and token budget. Its logits
 go through the same penalties and `sample` as `qwenkit.generate.generate`, and its tokens become
-text through the same streaming detokenizer and stop matcher as `text.TextStream`, so that a
-request's output equals `model.generate` on its prompt alone (greedy, or sampled with a seed).
+text through `text.RowText`, the state machine `text.TextStream` runs for each of its rows, so
+that a request's output equals `model.generate` on its prompt alone (greedy, or sampled with a
+seed).
 """
 
 from __future__ import annotations
@@ -27,22 +28,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenkit.cache import KVCache
+from qwenkit.errors import QwenkitError
 from qwenkit.generate import (
-    ContextLengthError,
     SamplingParams,
     apply_output_penalties,
     apply_repetition_penalty,
+    check_fits,
     context_length,
     sample,
 )
-from qwenkit.model import KVCache, QwenForCausalLM
-from qwenkit.text import Completion, StopMatcher
-from qwenkit.tokenizer import StreamDecoder, Tokenizer
+from qwenkit.model import QwenForCausalLM
+from qwenkit.text import Completion, RowText
+from qwenkit.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenkit.server")
 
 
-class QueueFull(Exception):
+class QueueFull(QwenkitError):
     """Every slot is busy and the waiting queue is full."""
 
 
@@ -84,11 +87,8 @@ class Request:
 @dataclass
 class _Slot:
     request: Request
-    budget: int  # tokens this request may generate
-    decoder: StreamDecoder
-    matcher: StopMatcher
+    text: RowText  # its tokens as text: stop strings, end-of-turn ids, the budget, the finish reason
     generator: torch.Generator | None
-    eos: frozenset[int]
     last: int = 0  # the token fed at the next decode step
 
 
@@ -132,6 +132,7 @@ class Engine:
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
+        self._decoders: dict[int, object] = {}  # rows -> the model's decoding step over cache rows :rows
 
     # ---- the API other threads use ----------------------------------------------------------------
 
@@ -176,8 +177,7 @@ class Engine:
         for r in requests:
             if not r.prompt:
                 raise ValueError("the prompt is empty")
-            if len(r.prompt) >= self.max_len:
-                raise ContextLengthError(f"the prompt has {len(r.prompt)} tokens; the context holds {self.max_len}")
+            check_fits(len(r.prompt), self.max_len)
         with self._cond:
             if self._occupied + len(self._waiting) + len(requests) > self.max_batch + self.max_queue:
                 self.stats["rejected"] += len(requests)
@@ -269,13 +269,11 @@ class Engine:
                 break
             request = self._waiting.popleft()
             p = request.params
+            budget = min(p.max_new_tokens, self.max_len - len(request.prompt))
             self.slots[b] = _Slot(
                 request=request,
-                budget=min(p.max_new_tokens, self.max_len - len(request.prompt)),
-                decoder=StreamDecoder(self.tok),
-                matcher=StopMatcher(request.stop),
+                text=RowText(self.tok, request.stop, p.eos_token_id, budget),
                 generator=torch.Generator(device=self.model.device).manual_seed(p.seed) if p.seed is not None else None,
-                eos=frozenset(p.eos_token_id),
             )
             self._occupied += 1
             joined.append(b)
@@ -305,21 +303,23 @@ class Engine:
         """One step for every active row; free rows below the highest active one sit it out."""
         rows = [b for b, s in enumerate(self.slots) if s is not None]
         hi = rows[-1] + 1
-        tokens = torch.zeros(hi, 1, dtype=torch.long)  # (B, 1)
-        mask = torch.zeros(hi, 1, dtype=torch.long)  # (B, 1): 0 leaves a free row where it is
+        tokens = torch.zeros(hi, dtype=torch.long)  # (B,)
+        mask = torch.zeros(hi, dtype=torch.long)  # (B,): 0 leaves a free row where it is
         for b in rows:
-            tokens[b, 0] = self.slots[b].last
-            mask[b, 0] = 1
+            tokens[b] = self.slots[b].last
+            mask[b] = 1
         device = self.model.device
-        out = self.model(
-            tokens.to(device),
-            attention_mask=None if len(rows) == hi else mask.to(device),
-            cache=self.cache.rows(0, hi),
-            logits_to_keep=1,
-        )
+        logits = self._decoder(hi)(tokens.to(device), None if len(rows) == hi else mask.to(device))  # (B, vocab)
         self.stats["steps"] += 1
-        logits = out.logits[:, -1] if len(rows) == hi else out.logits[rows, -1]  # (len(rows), vocab)
-        self._sample_and_emit(rows, logits)
+        self._sample_and_emit(rows, logits if len(rows) == hi else logits[rows])
+
+    def _decoder(self, rows: int):
+        """The model's decoding step over the cache's first `rows` rows (qwenkit.generate's seam),
+        chosen once for each width and kept for the server's life: the model does not change under a
+        running server."""
+        if rows not in self._decoders:
+            self._decoders[rows] = self.model.decoder(self.cache.rows(0, rows))
+        return self._decoders[rows]
 
     def _sample_and_emit(self, rows: list[int], logits: torch.Tensor) -> None:
         """Next token of each row from its logits (n, vocab), in `generate`'s order: repetition
@@ -330,7 +330,7 @@ class Engine:
         for penalty, idx in _groups(params, lambda p: p.repetition_penalty if p.repetition_penalty != 1.0 else None):
             picked = [rows[i] for i in idx]
             seen = self.seen[picked, : max(self.seen_len[b] for b in picked)]  # (n, L)
-            logits = _update(logits, idx, lambda x: apply_repetition_penalty(x, seen, penalty))
+            logits = _update(logits, idx, apply_repetition_penalty, seen, penalty)
         for _, idx in _groups(
             params,
             lambda p: (p.presence_penalty, p.frequency_penalty) if p.presence_penalty or p.frequency_penalty else None,
@@ -338,7 +338,7 @@ class Engine:
             if self.counts is None:
                 self.counts = torch.zeros(self.max_batch, logits.shape[-1], device=logits.device)
             counts = self.counts[[rows[i] for i in idx]]
-            logits = _update(logits, idx, lambda x: apply_output_penalties(x, counts, params[idx[0]]))
+            logits = _update(logits, idx, apply_output_penalties, counts, params[idx[0]])
         tokens = torch.empty(n, dtype=torch.long, device=logits.device)
         # Rows that sample alike share one `sample` call; a seeded row draws from its own generator.
         key = lambda p: (p.do_sample, p.temperature, p.top_k, p.top_p, p.min_p) if p.do_sample else (False,)
@@ -354,26 +354,18 @@ class Engine:
         """Record row b's new token, turn it into text, and finish the request if it is done."""
         slot = self.slots[b]
         request = slot.request
-        request.token_ids.append(token)
+        request.token_ids.append(token)  # the end-of-turn token too: it counts in the usage
         self.stats["tokens"] += 1
-        n = len(request.token_ids)
-        if token in slot.eos:
-            # As TextStream: the end-of-turn token releases whatever text was held back.
-            text, _ = slot.matcher.feed(slot.decoder.flush())
-            return self._finish(b, "stop", text + slot.matcher.flush())
-        text, hit = slot.matcher.feed(slot.decoder.push(token))
-        if hit:
-            return self._finish(b, "stop", text)
-        if n >= slot.budget:
-            tail, hit = slot.matcher.feed(slot.decoder.flush())
-            return self._finish(b, "length", text + (tail if hit else tail + slot.matcher.flush()))
+        text, finished = slot.text.push(token)
+        if finished:
+            return self._finish(b, slot.text.finish_reason, text)
         slot.last = token
         self.seen[b, self.seen_len[b]] = token
         self.seen_len[b] += 1
         if self.counts is not None:
             self.counts[b, token] += 1
         if text:  # a token whose text is held back (half a character, a possible stop) has nothing to say
-            self._emit(request, Output(text=text, tokens=n))
+            self._emit(request, Output(text=text, tokens=len(request.token_ids)))
 
     def _finish(self, b: int, reason: str, text: str = "", error: str | None = None) -> None:
         """End row b's request and free the row: length 0 and no valid slot, ready for a new prompt."""
@@ -401,11 +393,12 @@ def _index(idx: list[int], n: int) -> list[int] | slice:
     return slice(None) if len(idx) == n else idx
 
 
-def _update(logits: torch.Tensor, idx: list[int], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """logits with fn applied to rows idx (fn returns new rows; the common case, all rows, copies nothing more)."""
+def _update(logits: torch.Tensor, idx: list[int], fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """logits with rows idx replaced by fn(those rows, *args), which returns new rows (the common
+    case, all rows, copies nothing more)."""
     if len(idx) == logits.shape[0]:
-        return fn(logits)
-    logits[idx] = fn(logits[idx])
+        return fn(logits, *args)
+    logits[idx] = fn(logits[idx], *args)
     return logits
 
 

@@ -1,29 +1,27 @@
-"""The OpenAI API's request bodies, validated, and the pieces of its response bodies.
+"""The OpenAI API's request bodies, validated, and its error body.
 
 Requests are pydantic models in strict mode, so a wrong type is an error rather than a silent
 coercion (`"temperature": "hot"` or `"n": true` are refused, as OpenAI refuses them); unknown
 fields are ignored, as vLLM ignores them, except those that would change the output in a way this
 server cannot honour (`logprobs`, `logit_bias`, `response_format` other than text...), which are
 refused by name rather than dropped. Every error becomes OpenAI's body
-`{"error": {"message", "type", "param", "code"}}` through `APIError`.
-
-The model's Hermes-style tool calls (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`,
-the format Qwen2.5's chat template asks for) are parsed into OpenAI `tool_calls` here too, by
-`parse_tool_calls`, the one function both the streamed and the whole responses use.
+`{"error": {"message", "type", "param", "code"}}` through `APIError`. Tool calls in the model's
+replies are `tool_calls.py`'s.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qwenkit.errors import QwenkitError
 
-class APIError(Exception):
-    """An error answered with OpenAI's error body and an HTTP status.
+
+class APIError(QwenkitError):
+    """An error answered with OpenAI's error body and an HTTP status. The request field at fault
+    (`param`) is the error's `field`.
 
     Args:
         status: the HTTP status code.
@@ -43,9 +41,8 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
+        super().__init__(message, field=param)
+        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -279,68 +276,3 @@ def _arguments(arguments: str | dict[str, Any], where: str) -> dict[str, Any]:
             param=f"{where}.tool_calls",
         )
     return value
-
-
-def tool_prefix(request: ChatRequest) -> str:
-    """Text the reply is made to start with: `tool_choice` "required" or a named function opens the
-    tool call in the prompt, so the model can only go on with it. (Without constrained decoding
-    the arguments are still the model's own.) Also checks tool_choice against tools."""
-    choice = request.tool_choice
-    if choice in (None, "none", "auto"):
-        return ""
-    if not request.tools:
-        raise APIError(400, "tool_choice needs tools.", param="tool_choice")
-    if choice == "required":
-        return "<tool_call>\n"
-    names = [t.function.name for t in request.tools]
-    if choice.function.name not in names:
-        raise APIError(
-            400,
-            f"tool_choice names the function {choice.function.name!r}, which is not among the "
-            f"tools ({', '.join(names)}).",
-            param="tool_choice",
-        )
-    return '<tool_call>\n{"name": ' + json.dumps(choice.function.name) + ', "arguments": '
-
-
-def parses_tools(request: ChatRequest) -> bool:
-    return bool(request.tools) and request.tool_choice != "none"
-
-
-TOOL_CALL_START = "<tool_call>"
-# A call runs to its closing tag, or to the end of the text when the model stopped without one.
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
-
-
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Split Qwen's reply into content and OpenAI `tool_calls`.
-
-    Each `<tool_call>` block must hold a JSON object with a string "name" and "arguments" (an
-    object, or a string of one); if any block does not, nothing is parsed and the whole text stays
-    content, as vLLM's Hermes parser does: a half call is shown, never half-executed.
-
-    Returns:
-        (content outside the calls, or None when there is none; the calls).
-    """
-    if TOOL_CALL_START not in text:
-        return text, []
-    calls = []
-    for match in _TOOL_CALL.finditer(text):
-        try:
-            call = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            return text, []
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return text, []
-        arguments = call.get("arguments", {})
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": call["name"], "arguments": arguments},
-            }
-        )
-    content = _TOOL_CALL.sub("", text).strip()
-    return content or None, calls
