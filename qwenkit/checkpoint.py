@@ -180,9 +180,8 @@ _CHUNK_BYTES = 64 << 20
 def _read_tensor(f, entry: dict, dtype: torch.dtype, buffers: dict) -> torch.Tensor:
     """Read one tensor at the file's position into a new CPU tensor of `dtype`. A dtype change goes
     through a bounded buffer, so no full-size copy in the file's dtype ever exists. `buffers` keeps
-    that buffer (one per stored dtype) from one tensor to the next: a fresh one per tensor,
-    allocated and freed between the parameters, left holes in the heap that the process kept,
-    up to 400 MiB over the weights of the 0.5B model, in two loads of three."""
+    that buffer (one per stored dtype) for the whole load: one buffer per tensor, allocated and
+    freed between the parameters, leaves holes in the heap that the process keeps."""
     stored = _DTYPES[entry["dtype"]]
     out = torch.empty(entry["shape"], dtype=dtype)
     flat = out.view(-1)

@@ -128,12 +128,12 @@ def _validate(c: QwenConfig) -> None:
         bad("rope_theta", f"must be positive, got {c.rope_theta!r}")
 
 
-# Shapes as in each checkpoint's config.json. 0.5B, 1.5B, 7B, 32B and 72B: read from public copies
-# of the Instruct checkpoints' config.json; 14B: from the Qwen2.5-14B config.json (its Instruct twin
-# differs only in max_position_embeddings); 3B: from the Qwen2.5-Omni-3B text model, the same
-# network. Each preset's parameter count matches its model card (tests/test_config.py).
+# Shapes as in each checkpoint's config.json, the source above each preset (the 14B Instruct twin
+# differs from its base only in max_position_embeddings; the 3B is read from the Omni model's text
+# network, the same one). Each preset's parameter count matches its model card (tests/test_config.py).
 _QWEN25 = dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
 PRESETS: dict[str, QwenConfig] = {
+    # https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/config.json
     "qwen2.5-0.5b": QwenConfig(
         hidden_size=896,
         intermediate_size=4864,
@@ -144,6 +144,7 @@ PRESETS: dict[str, QwenConfig] = {
         tie_word_embeddings=True,
         **_QWEN25,
     ),
+    # https://huggingface.co/Qwen/Qwen2.5-1.5B-Instruct/blob/main/config.json
     "qwen2.5-1.5b": QwenConfig(
         hidden_size=1536,
         intermediate_size=8960,
@@ -154,6 +155,7 @@ PRESETS: dict[str, QwenConfig] = {
         tie_word_embeddings=True,
         **_QWEN25,
     ),
+    # https://huggingface.co/Qwen/Qwen2.5-Omni-3B/blob/main/config.json (thinker_config.text_config)
     "qwen2.5-3b": QwenConfig(
         hidden_size=2048,
         intermediate_size=11008,
@@ -164,6 +166,7 @@ PRESETS: dict[str, QwenConfig] = {
         tie_word_embeddings=True,
         **_QWEN25,
     ),
+    # https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/blob/main/config.json
     "qwen2.5-7b": QwenConfig(
         hidden_size=3584,
         intermediate_size=18944,
@@ -174,6 +177,7 @@ PRESETS: dict[str, QwenConfig] = {
         tie_word_embeddings=False,
         **_QWEN25,
     ),
+    # https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json
     "qwen2.5-14b": QwenConfig(
         hidden_size=5120,
         intermediate_size=13824,
@@ -184,6 +188,7 @@ PRESETS: dict[str, QwenConfig] = {
         tie_word_embeddings=False,
         **_QWEN25,
     ),
+    # https://huggingface.co/Qwen/Qwen2.5-32B-Instruct/blob/main/config.json
     "qwen2.5-32b": QwenConfig(
         hidden_size=5120,
         intermediate_size=27648,
@@ -194,6 +199,7 @@ PRESETS: dict[str, QwenConfig] = {
         tie_word_embeddings=False,
         **_QWEN25,
     ),
+    # https://huggingface.co/Qwen/Qwen2.5-72B-Instruct/blob/main/config.json
     "qwen2.5-72b": QwenConfig(
         hidden_size=8192,
         intermediate_size=29568,
