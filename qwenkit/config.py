@@ -11,10 +11,30 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qwenkit.errors import ConfigError
+from qwenkit.errors import ConfigError, UserError
 from qwenkit.qwen_vocab import ENDOFTEXT_ID, IM_END_ID
+
+if TYPE_CHECKING:
+    import torch
+
+# The weights' dtypes qwenkit offers, by the names flags and files use. float16 is not among them:
+# it overflows on Qwen2.5's weights.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str | torch.dtype, error: type[Exception] = UserError) -> torch.dtype:
+    """The torch dtype of a name in DTYPE_NAMES ("torch.bfloat16" and torch dtypes pass through);
+    another name raises `error` (the caller's own kind, e.g. GGUFError for a conversion)."""
+    import torch  # here, not at the top: the CLI reads this module before it needs torch
+
+    if isinstance(name, torch.dtype) and str(name).removeprefix("torch.") in DTYPE_NAMES:
+        return name
+    key = name.removeprefix("torch.") if isinstance(name, str) else name
+    if key not in DTYPE_NAMES:
+        raise error(f"dtype {name!r}: choose float32 or bfloat16 (float16 overflows on Qwen2.5 weights)")
+    return getattr(torch, DTYPE_NAMES[key])
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qwenkit.config import ConfigError, QwenConfig, YarnScaling
+from qwenkit.config import torch_dtype as torch_dtype_named
 from qwenkit.errors import GGUFError
 from qwenkit.files import install_dir
 from qwenkit.model import QwenForCausalLM
@@ -88,16 +89,6 @@ def _gguf_lib():
     return gguf
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    named = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if isinstance(dtype, torch.dtype) and dtype in named.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in named:
-        return named[dtype.removeprefix("torch.")]
-    # float16 overflows on these weights (see DESIGN.md), so it is not offered.
-    raise GGUFError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-
-
 def convert_gguf(
     gguf_file: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -124,7 +115,7 @@ def convert_gguf(
         the folder's path.
     """
     path, out = Path(gguf_file), Path(out_dir)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = torch_dtype_named(dtype, GGUFError)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise GGUFError(f"{out} already exists and is not empty; choose a new folder (or pass overwrite=True)")
     reader = _open(path)

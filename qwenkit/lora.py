@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.errors import AdapterError
+from qwenkit.files import atomic_path, atomic_write
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -368,9 +368,8 @@ def save_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    tmp = out / f".{ADAPTER_WEIGHTS}.{uuid.uuid4().hex[:8]}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / ADAPTER_WEIGHTS)
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     _write_json(out / ADAPTER_CONFIG, settings.to_peft_config(base_model))
     return out
 
@@ -478,9 +477,7 @@ def merge_checkpoint(
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 __all__ = [
