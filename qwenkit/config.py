@@ -148,99 +148,43 @@ def _validate(c: QwenConfig) -> None:
         bad("rope_theta", f"must be positive, got {c.rope_theta!r}")
 
 
-# Shapes as in each checkpoint's config.json, the source above each preset (the 14B Instruct twin
+# Shapes as in each checkpoint's config.json, the source above each row (the 14B Instruct twin
 # differs from its base only in max_position_embeddings; the 3B is read from the Omni model's text
 # network, the same one). Each preset's parameter count matches its model card (tests/test_config.py).
-_QWEN25 = dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
-PRESETS: dict[str, QwenConfig] = {
+# Columns: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, vocab_size, tie_word_embeddings.
+_SHAPES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
     # https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/config.json
-    "qwen2.5-0.5b": QwenConfig(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        **_QWEN25,
-    ),
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
     # https://huggingface.co/Qwen/Qwen2.5-1.5B-Instruct/blob/main/config.json
-    "qwen2.5-1.5b": QwenConfig(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        **_QWEN25,
-    ),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     # https://huggingface.co/Qwen/Qwen2.5-Omni-3B/blob/main/config.json (thinker_config.text_config)
-    "qwen2.5-3b": QwenConfig(
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        **_QWEN25,
-    ),
+    "qwen2.5-3b": (2048, 11008, 36, 16, 2, 151936, True),
     # https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/blob/main/config.json
-    "qwen2.5-7b": QwenConfig(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        **_QWEN25,
-    ),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
     # https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json
-    "qwen2.5-14b": QwenConfig(
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=48,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        **_QWEN25,
-    ),
+    "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False),
     # https://huggingface.co/Qwen/Qwen2.5-32B-Instruct/blob/main/config.json
-    "qwen2.5-32b": QwenConfig(
-        hidden_size=5120,
-        intermediate_size=27648,
-        num_hidden_layers=64,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        **_QWEN25,
-    ),
+    "qwen2.5-32b": (5120, 27648, 64, 40, 8, 152064, False),
     # https://huggingface.co/Qwen/Qwen2.5-72B-Instruct/blob/main/config.json
-    "qwen2.5-72b": QwenConfig(
-        hidden_size=8192,
-        intermediate_size=29568,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        **_QWEN25,
-    ),
+    "qwen2.5-72b": (8192, 29568, 80, 64, 8, 152064, False),
     # Not a checkpoint: the Qwen2.5 structure (GQA 2:1, q/k/v bias, tied head) at toy size, for tests.
-    "tiny": QwenConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        **_QWEN25,
-    ),
+    "tiny": (64, 128, 2, 4, 2, 151936, True),
+}
+PRESETS: dict[str, QwenConfig] = {
+    name: QwenConfig(
+        hidden_size=C,
+        intermediate_size=I,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+    )
+    for name, (C, I, layers, heads, kv_heads, vocab, tied) in _SHAPES.items()
 }
 
 

@@ -32,6 +32,7 @@ from qwenkit.errors import GGUFError
 from qwenkit.files import install_dir
 from qwenkit.model import QwenForCausalLM
 from qwenkit.qwen_vocab import QWEN2_PATTERN, bytes_to_unicode
+from qwenkit.tokenizer import added_tokens_decoder
 
 ARCHITECTURES = ("llama", "qwen2")
 
@@ -491,17 +492,7 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
     config: dict[str, Any] = {
         "add_bos_token": add_bos,
         "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(i): {
-                "content": t.content,
-                "lstrip": t.lstrip,
-                "normalized": t.normalized,
-                "rstrip": t.rstrip,
-                "single_word": t.single_word,
-                "special": t.special,
-            }
-            for i, t in sorted(tk.get_added_tokens_decoder().items())
-        },
+        "added_tokens_decoder": added_tokens_decoder(tk),
         "bos_token": bos,
         "clean_up_tokenization_spaces": False,
         "eos_token": token("eos_token_id"),

@@ -32,6 +32,21 @@ from qwenkit.qwen_vocab import (
 # The tokenizer
 
 
+def added_tokens_decoder(backend: tokenizers.Tokenizer) -> dict[str, dict[str, Any]]:
+    """tokenizer_config.json's `added_tokens_decoder`: each added token of `backend` by its id."""
+    return {
+        str(i): {
+            "content": t.content,
+            "lstrip": t.lstrip,
+            "normalized": t.normalized,
+            "rstrip": t.rstrip,
+            "single_word": t.single_word,
+            "special": t.special,
+        }
+        for i, t in sorted(backend.get_added_tokens_decoder().items())
+    }
+
+
 class BatchEncoding(dict):
     """`input_ids` and `attention_mask`, as keys and as attributes; `.to(device)` moves tensors."""
 
@@ -357,17 +372,7 @@ class Tokenizer:
         spec = self._tk.to_str()
         config = dict(self._config)
         config.update(
-            added_tokens_decoder={
-                str(i): {
-                    "content": t.content,
-                    "lstrip": t.lstrip,
-                    "normalized": t.normalized,
-                    "rstrip": t.rstrip,
-                    "single_word": t.single_word,
-                    "special": t.special,
-                }
-                for i, t in sorted(self._tk.get_added_tokens_decoder().items())
-            },
+            added_tokens_decoder=added_tokens_decoder(self._tk),
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             pad_token=self.pad_token,
