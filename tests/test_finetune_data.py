@@ -9,17 +9,10 @@ import json
 import pytest
 import torch
 
-from qwenkit.finetune.data import (
-    IGNORE_INDEX,
-    DataError,
-    StepBatches,
-    collate,
-    eval_batches,
-    load_conversations,
-    pack,
-    split_validation,
-    tokenize,
-)
+from qwenkit.errors import DataError
+from qwenkit.finetune.batches import Sample, StepBatches, collate, eval_batches, pack, tokenize
+from qwenkit.finetune.data import load_conversations, split_validation
+from qwenkit.model import IGNORE_INDEX
 
 ALPACA = [
     {"instruction": "Capital of France?", "output": "Paris."},
@@ -186,6 +179,24 @@ def test_bad_rows_in_json_and_csv_files_name_their_line(tmp_path):
         load_conversations(path)
 
 
+def test_a_bad_row_error_carries_its_file_and_line(tmp_path):
+    # Rows side by side on one line of a JSON array, then a bad one on the next line.
+    path = tmp_path / "train.json"
+    path.write_text(f"[{json.dumps(ALPACA[0])}, {json.dumps(ALPACA[1])},\n {json.dumps({'instruction': 'x'})}]")
+    with pytest.raises(DataError) as err:
+        load_conversations(path)
+    assert (err.value.file, err.value.line) == (path, 2) and "missing field 'output'" in err.value.message
+    # Rows listed inside one object have no line of their own: the error names the row's index.
+    path.write_text(json.dumps({"data": [ALPACA[0], {"instruction": "x"}]}))
+    with pytest.raises(DataError) as err:
+        load_conversations(path)
+    assert err.value.line is None and str(err.value).startswith(f"{path}: row 1: missing field 'output'")
+    # A whole-file problem names the file alone.
+    with pytest.raises(DataError) as err:
+        load_conversations(tmp_path / "absent.jsonl")
+    assert (err.value.file, err.value.line) == (tmp_path / "absent.jsonl", None)
+
+
 def test_skip_bad_rows_skips_and_counts(tmp_path):
     lines = [
         json.dumps(OPENAI[0]),
@@ -241,8 +252,6 @@ def _rows(batch):
 
 
 def test_global_batch_is_the_same_for_any_number_of_processes():
-    from qwenkit.finetune.data import Sample
-
     samples = [Sample([i] * (1 + i % 5), [i] * (1 + i % 5)) for i in range(40)]
     single = StepBatches(samples, batch_size=4, grad_accum=2, world_size=1, rank=0, seed=7, pad_id=0)
     ranks = [StepBatches(samples, batch_size=2, grad_accum=2, world_size=2, rank=r, seed=7, pad_id=0) for r in range(2)]

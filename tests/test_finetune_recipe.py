@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qwenkit.finetune.cli import build_parser, config_from_args, main
-from qwenkit.finetune.recipe import KEYS, FinetuneConfig, RecipeError, load_config
+from qwenkit.finetune.config import KEYS, FinetuneConfig, RecipeError, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -68,6 +68,22 @@ def test_yaml_errors_name_the_file(tmp_path):
     bad.write_text("epochs: two\n")
     with pytest.raises(RecipeError, match=r"bad.yaml: key 'epochs': must be an integer"):
         load_config(bad)
+
+
+def test_an_unknown_key_reads_the_same_from_yaml_a_mapping_and_the_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lrr: 1.0e-3\n")
+    errors = []
+    for load in (
+        lambda: load_config(recipe),
+        lambda: load_config(None, {"lrr": 1e-3}),
+        lambda: config_from_args(["lrr=1e-3"]),
+    ):
+        with pytest.raises(RecipeError) as err:
+            load()
+        errors.append(err.value)
+    assert {e.message for e in errors} == {"unknown key 'lrr' (did you mean 'lr'?)"}
+    assert [e.file for e in errors] == [recipe, None, None]
 
 
 def test_yaml_then_key_values_then_flags(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference import random_model, tiny_config, write_run_files
 
-from qwenkit.finetune.recipe import load_config
+from qwenkit.finetune.config import load_config
 from qwenkit.finetune.trainer import Trainer
 
 LAYERS = 4

@@ -5,16 +5,19 @@ the loss is the same however a batch is split into micro-batches; the fused loss
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import random_model, tiny_config, write_jsonl, write_run_files
+from safetensors.torch import load_file, save_file
 
+from qwenkit.errors import CheckpointError
 from qwenkit.finetune.cli import main
+from qwenkit.finetune.config import RecipeError, load_config
 from qwenkit.finetune.loss import CausalLMLoss, fused_linear_cross_entropy
-from qwenkit.finetune.recipe import RecipeError, load_config
 from qwenkit.finetune.trainer import Trainer
 
 TINY_RECIPE = Path(__file__).parent.parent / "configs" / "tiny-cpu-lora.yaml"
@@ -128,6 +131,45 @@ def test_full_run_lowers_validation_loss_and_writes_a_checkpoint(files, tmp_path
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, trainer.model(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_each_parameter_gets_the_checkpoint_in_its_own_dtype(files, tmp_path, method):
+    # bf16 frozen weights; trained ones (a frozen run's top layer) read exactly in fp32.
+    train_layers = 1 if method == "freeze" else None
+    cfg = recipe(files, tmp_path / "out", method=method, precision="bf16", train_layers=train_layers)
+    trainer = Trainer(cfg, progress=False).setup()
+    params = dict(trainer.model.named_parameters())
+    saved = load_file(files / "model" / "model.safetensors")
+    assert set(saved) == set(params) - {n for n in params if ".lora_" in n}
+    for name, tensor in saved.items():
+        assert params[name].dtype == (torch.float32 if name in trainer.trained else torch.bfloat16), name
+        assert torch.equal(params[name].detach(), tensor.to(params[name].dtype)), name
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda w: w.pop("model.norm.weight"), "missing tensors model.norm.weight"),
+        (
+            lambda w: w.update({"model.norm.weight": w["model.norm.weight"][:-1]}),
+            "tensor 'model.norm.weight' has shape",
+        ),
+        (
+            lambda w: w.update({"model.extra.weight": w["model.norm.weight"].clone()}),
+            "unexpected tensor 'model.extra.weight'",
+        ),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_the_config_is_refused(files, tmp_path, change, message):
+    model = tmp_path / "model"
+    shutil.copytree(files / "model", model)
+    weights = load_file(model / "model.safetensors")
+    change(weights)
+    save_file(weights, model / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message) as err:
+        Trainer(recipe(files, tmp_path / "out", model=str(model)), progress=False).setup()
+    assert str(model) in str(err.value)
 
 
 def test_early_stopping_keeps_the_best_model(files, tmp_path):

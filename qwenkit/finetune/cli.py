@@ -14,8 +14,19 @@ import types
 import typing
 from typing import Any
 
+import yaml
+
 from qwenkit.errors import QwenkitError
-from qwenkit.finetune.recipe import FinetuneConfig, RecipeError, key_help, load_config, to_dict
+from qwenkit.finetune.config import (
+    TYPES,
+    FinetuneConfig,
+    RecipeError,
+    check_keys,
+    key_help,
+    load_config,
+    to_dict,
+)
+from qwenkit.finetune.trainer import finetune
 
 EXAMPLES = """\
 examples:
@@ -24,12 +35,10 @@ examples:
   torchrun --nproc_per_node 8 -m qwenkit.finetune.cli configs/qwen2.5-7b-instruct-full-fsdp.yaml
 """
 
-_HINTS = typing.get_type_hints(FinetuneConfig)
-
 
 def _is_textual(key: str) -> bool:
     """Keys whose value is a plain string: YAML must not turn `no` or `1.5` into a bool or a number."""
-    kind = _HINTS[key]
+    kind = TYPES[key]
     if kind is str or typing.get_origin(kind) is typing.Literal:
         return True
     options = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -39,8 +48,6 @@ def _is_textual(key: str) -> bool:
 def _parse_value(key: str, text: str) -> Any:
     if _is_textual(key):
         return text
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -67,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         text = f"{doc} (default: {shown})"
-        if _HINTS[name] is bool:
+        if TYPES[name] is bool:
             keys.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
             )
         else:
-            choices = typing.get_args(_HINTS[name]) if typing.get_origin(_HINTS[name]) is typing.Literal else None
+            choices = typing.get_args(TYPES[name]) if typing.get_origin(TYPES[name]) is typing.Literal else None
             metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
             keys.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=metavar, help=text)
     return parser
@@ -87,11 +94,7 @@ def config_from_args(argv: list[str]) -> tuple[FinetuneConfig, argparse.Namespac
         if "=" in item:
             key, _, value = item.partition("=")
             key = key.strip().replace("-", "_")
-            if key not in _HINTS:
-                import difflib
-
-                close = difflib.get_close_matches(key, list(_HINTS), n=1)
-                raise RecipeError(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            check_keys([key])
             overrides[key] = _parse_value(key, value)
         elif path is None:
             path = item
@@ -110,12 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = config_from_args(argv)
         if args.dry_run:
-            import yaml
-
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        from qwenkit.finetune.trainer import finetune
-
         finetune(cfg, progress=not args.no_progress)
     except (QwenkitError, FileNotFoundError) as e:
         print(f"qwenkit finetune: error: {e}", file=sys.stderr)

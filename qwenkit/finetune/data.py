@@ -1,4 +1,4 @@
-"""Fine-tuning data: files in the formats people have, turned into token ids and assistant-only labels.
+"""Fine-tuning data: the files people have, read into checked conversations.
 
 Rows come from JSONL, JSON (an array of objects) or CSV files, or a folder saved by the `datasets`
 library (where it is installed), in one of three formats, detected from the first row or named:
@@ -8,11 +8,10 @@ library (where it is installed), in one of three formats, detected from the firs
   top-level `system` and `tools`;
 - openai: `messages` of `{"role", "content"}` (tool calls allowed), optional `tools`.
 
-Each row becomes a conversation that is checked (roles in order, no empty assistant turn) and
-rendered with the chat template by `qwenkit.chat.encode_chat`; the labels are the ids on assistant
-tokens, each turn's closing `<|im_end|>` included, and -100 elsewhere (padding too: pad is not eos).
-A bad row is an error naming the file, the line and what is wrong; with `skip_bad_rows` it is
-skipped and counted instead, never silently.
+Each row becomes a `Conversation` whose roles are checked (in order, no empty assistant turn);
+`batches.py` turns conversations into token ids and labels. A bad row is a DataError naming the
+file, the line and what is wrong; with `skip_bad_rows` it is skipped and counted instead, never
+silently.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +30,6 @@ import torch
 
 from qwenkit.errors import DataError
 
-IGNORE_INDEX = -100
 FORMATS = ("alpaca", "sharegpt", "openai")
 # ShareGPT speakers as the exporters in the wild name them.
 _SHAREGPT_ROLES = {
@@ -48,23 +47,37 @@ _SHAREGPT_ROLES = {
     "observation": "tool",
     "function_response": "tool",
 }
+# The kinds of bad row that the skipped-rows count tells apart; any other is an "invalid row".
+_ROW_ERRORS = (
+    "missing field",
+    "wrong role order",
+    "empty assistant turn",
+    "not JSON",
+    "no assistant turn",
+    "unknown speaker",
+    "unknown role",
+)
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a row came from: its file and line, or its index where the source has no lines (a
+    `datasets` folder, rows listed inside one JSON object)."""
+
+    file: Path
+    line: int | None = None
+    row: int | None = None
+
+    def error(self, message: str) -> DataError:
+        """A DataError about this row (str: "file:line: message" or "file: row N: message")."""
+        return DataError(message if self.row is None else f"row {self.row}: {message}", file=self.file, line=self.line)
 
 
 @dataclass
 class Conversation:
     messages: list[dict[str, Any]]
     tools: list[dict] | None
-    where: str  # "file:line", for errors
-
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    labels: list[int]  # aligned with input_ids; IGNORE_INDEX where nothing is learned
-    position_ids: list[int] | None = None  # set by packing
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+    where: Where
 
 
 @dataclass
@@ -90,7 +103,7 @@ class DataStats:
 # ---- reading records -------------------------------------------------------------------------------
 
 
-def read_records(path: str | os.PathLike, split: str | Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
+def read_records(path: str | os.PathLike, split: str | Sequence[str] | None = None) -> Iterator[tuple[Where, Any]]:
     """Yield (where, record) for each row of a file or `datasets` folder; `record` is a DataError
     when the row itself cannot be read (e.g. a JSONL line that is not JSON).
 
@@ -104,7 +117,7 @@ def read_records(path: str | os.PathLike, split: str | Sequence[str] | None = No
         yield from _read_datasets_folder(p, split)
         return
     if not p.exists():
-        raise DataError(f"{p}: no such data file")
+        raise DataError("no such data file", file=p)
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         yield from _read_jsonl(p)
@@ -114,9 +127,13 @@ def read_records(path: str | os.PathLike, split: str | Sequence[str] | None = No
         yield from _read_csv(p, "\t" if suffix == ".tsv" else ",")
     else:
         raise DataError(
-            f"{p}: unknown data file type {suffix!r}; use .jsonl, .json or .csv "
-            "(or a folder saved by the datasets library)"
+            f"unknown data file type {suffix!r}; use .jsonl, .json or .csv (or a folder saved by the datasets library)",
+            file=p,
         )
+
+
+def _not_json(e: json.JSONDecodeError, where: Where) -> DataError:
+    return where.error(f"not JSON ({e.msg} at column {e.colno})")
 
 
 def _read_jsonl(p: Path):
@@ -124,36 +141,54 @@ def _read_jsonl(p: Path):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = Where(p, n)
             try:
-                yield f"{p}:{n}", json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"{p}:{n}", DataError(f"{p}:{n}: not JSON ({e.msg} at column {e.colno})")
+                yield where, _not_json(e, where)
+
+
+_WHITESPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
 
 
 def _read_json(p: Path):
+    """The rows of a JSON file: an array of row objects, an object holding one list of rows (e.g.
+    {"data": [...]}), or a single row."""
     text = p.read_text(encoding="utf-8")
-    decoder = json.JSONDecoder()
-
-    def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
-
-    pos = _skip_ws(text, 0)
-    if text.startswith("{", pos):
-        # One object holding the rows (e.g. {"data": [...]}) or a single row.
+    start = _WHITESPACE.match(text).end()
+    if text.startswith("[", start):
+        yield from _read_json_array(p, text, start)
+    elif text.startswith("{", start):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
+            raise _not_json(e, Where(p, e.lineno)) from None
         lists = [v for v in obj.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
         if len(lists) == 1 and not _looks_like_row(obj):
             for i, rec in enumerate(lists[0]):
-                yield f"{p}: item {i}", rec
+                yield Where(p, row=i), rec
         else:
-            yield f"{p}:{line_of(pos)}", obj
-        return
-    if not text.startswith("[", pos):
-        raise DataError(f"{p}:{line_of(pos)}: not JSON (expected an array of rows)")
-    pos = _skip_ws(text, pos + 1)
+            yield Where(p, text.count("\n", 0, start) + 1), obj
+    else:
+        raise DataError("not JSON (expected an array of rows)", file=p, line=text.count("\n", 0, start) + 1)
+
+
+def _read_json_array(p: Path, text: str, pos: int):
+    """The rows of a JSON array that starts at text[pos], each named by the line it starts on.
+
+    json.loads would give the rows but not where each one is; raw_decode reads one row and says
+    where it ends, so an error can name the line of the bad row.
+    """
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0  # the line of text[counted], counted forward as the rows are read
+
+    def line_at(i: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, i)
+        counted = i
+        return line
+
+    pos = _WHITESPACE.match(text, pos + 1).end()  # past the "["
     if text.startswith("]", pos):
         return
     while True:
@@ -161,21 +196,14 @@ def _read_json(p: Path):
             rec, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             # The rest of the file cannot be split into rows: an error even with skip_bad_rows.
-            raise DataError(f"{p}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
-        yield f"{p}:{line_of(pos)}", rec
-        pos = _skip_ws(text, end)
-        if text.startswith(",", pos):
-            pos = _skip_ws(text, pos + 1)
-        elif text.startswith("]", pos):
+            raise _not_json(e, Where(p, e.lineno)) from None
+        yield Where(p, line_at(pos)), rec
+        pos = _WHITESPACE.match(text, end).end()
+        if text.startswith("]", pos):
             return
-        else:
-            raise DataError(f"{p}:{line_of(pos)}: not JSON (expected ',' or ']' between rows)")
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
+        if not text.startswith(",", pos):
+            raise DataError("not JSON (expected ',' or ']' between rows)", file=p, line=line_at(pos))
+        pos = _WHITESPACE.match(text, pos + 1).end()
 
 
 def _looks_like_row(obj: Mapping) -> bool:
@@ -187,40 +215,42 @@ def _read_csv(p: Path, delimiter: str):
         reader = csv.DictReader(f, delimiter=delimiter)
         start = reader.line_num + 2  # the header is line 1
         for row in reader:
+            where = Where(p, start)
             if None in row:
-                yield f"{p}:{start}", DataError(f"{p}:{start}: more cells than the header has columns")
+                yield where, where.error("more cells than the header has columns")
             else:
-                yield f"{p}:{start}", {k: v for k, v in row.items() if k is not None}
-            start = reader.line_num + 1
+                yield where, {k: v for k, v in row.items() if k is not None}
+            start = reader.line_num + 1  # a quoted cell may span lines: the next row starts after them
 
 
-def _read_datasets_folder(p: Path, split: str | None):
+def _read_datasets_folder(p: Path, split: str | Sequence[str] | None):
     try:
-        import datasets
+        import datasets  # optional: only `datasets` folders need it
     except ImportError:
         raise DataError(
-            f"{p}: a folder of data needs the `datasets` library (pip install datasets); "
-            "or give a .jsonl, .json or .csv file"
+            "a folder of data needs the `datasets` library (pip install datasets); "
+            "or give a .jsonl, .json or .csv file",
+            file=p,
         ) from None
     try:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError as e:
-        raise DataError(f"{p}: not a folder saved by datasets.save_to_disk ({e})") from None
+        raise DataError(f"not a folder saved by datasets.save_to_disk ({e})", file=p) from None
     if isinstance(ds, datasets.DatasetDict):
         names = list(ds)
         wanted = [split] if isinstance(split, str) else list(split or ["train"])
         choice = next((s for s in wanted if s in ds), names[0] if len(names) == 1 else None)
         if choice is None:
-            raise DataError(f"{p}: no split {' or '.join(map(repr, wanted))}; the folder has {', '.join(names)}")
+            raise DataError(f"no split {' or '.join(map(repr, wanted))}; the folder has {', '.join(names)}", file=p)
         ds = ds[choice]
     for i, rec in enumerate(ds):
-        yield f"{p}: row {i}", rec
+        yield Where(p, row=i), rec
 
 
 # ---- formats -----------------------------------------------------------------------------------------
 
 
-def detect_format(record: Any, where: str) -> str:
+def detect_format(record: Any, where: Where) -> str:
     """'openai', 'sharegpt' or 'alpaca', from a row's fields."""
     if isinstance(record, Mapping):
         if "messages" in record:
@@ -232,16 +262,16 @@ def detect_format(record: Any, where: str) -> str:
         fields = ", ".join(map(repr, record)) or "none"
     else:
         fields = f"a {type(record).__name__}, not an object"
-    raise DataError(
-        f"{where}: cannot tell the format (fields: {fields}); expected 'messages' (openai), "
+    raise where.error(
+        f"cannot tell the format (fields: {fields}); expected 'messages' (openai), "
         "'conversations' (sharegpt) or 'instruction'/'output' (alpaca); or set format:"
     )
 
 
-def to_conversation(record: Any, fmt: str, where: str) -> Conversation:
+def to_conversation(record: Any, fmt: str, where: Where) -> Conversation:
     """A row in format `fmt` as checked chat messages; DataError (file, line, what) otherwise."""
     if not isinstance(record, Mapping):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
+        raise where.error(f"a row must be a JSON object, got {type(record).__name__}")
     if fmt == "alpaca":
         messages = _alpaca(record, where)
     elif fmt == "sharegpt":
@@ -250,34 +280,34 @@ def to_conversation(record: Any, fmt: str, where: str) -> Conversation:
         messages = _openai(record, where)
     tools = _json_field(record, "tools", where) if record.get("tools") not in (None, "", []) else None
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
-        raise DataError(f"{where}: field 'tools' must be a list of JSON schemas")
+        raise where.error("field 'tools' must be a list of JSON schemas")
     check_roles(messages, where, "conversations" if fmt == "sharegpt" else "messages")
     return Conversation(messages, tools, where)
 
 
-def _field(record: Mapping, name: str, where: str, fmt: str) -> Any:
+def _field(record: Mapping, name: str, where: Where, fmt: str) -> Any:
     if name not in record or record[name] is None:
-        raise DataError(f"{where}: missing field '{name}' ({fmt} format)")
+        raise where.error(f"missing field '{name}' ({fmt} format)")
     return record[name]
 
 
-def _text(value: Any, where: str, what: str) -> str:
+def _text(value: Any, where: Where, what: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: {what} must be a string, got {type(value).__name__}")
+        raise where.error(f"{what} must be a string, got {type(value).__name__}")
     return value
 
 
-def _json_field(record: Mapping, name: str, where: str) -> Any:
+def _json_field(record: Mapping, name: str, where: Where) -> Any:
     value = record[name]
     if isinstance(value, str):  # CSV cells hold JSON as text
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: field '{name}' is not JSON ({e.msg} at column {e.colno})") from None
+            raise where.error(f"field '{name}' is not JSON ({e.msg} at column {e.colno})") from None
     return value
 
 
-def _alpaca(record: Mapping, where: str) -> list[dict]:
+def _alpaca(record: Mapping, where: Where) -> list[dict]:
     instruction = _text(_field(record, "instruction", where, "alpaca"), where, "field 'instruction'")
     output = _text(_field(record, "output", where, "alpaca"), where, "field 'output'")
     extra = _text(record.get("input") or "", where, "field 'input'")
@@ -289,17 +319,17 @@ def _alpaca(record: Mapping, where: str) -> list[dict]:
     return messages
 
 
-def _turns(record: Mapping, field: str, where: str, fmt: str, shape: str) -> list:
+def _turns(record: Mapping, name: str, where: Where, fmt: str, shape: str) -> list:
     """The record's list of turns (a JSON string of one is accepted too), or an error naming the field."""
-    turns = _json_field(record, field, where) if field in record else None
+    turns = _json_field(record, name, where) if name in record else None
     if turns is None:
-        raise DataError(f"{where}: missing field '{field}' ({fmt} format)")
+        raise where.error(f"missing field '{name}' ({fmt} format)")
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field '{field}' must be a non-empty list of {{{shape}}}")
+        raise where.error(f"field '{name}' must be a non-empty list of {{{shape}}}")
     return turns
 
 
-def _sharegpt(record: Mapping, where: str) -> list[dict]:
+def _sharegpt(record: Mapping, where: Where) -> list[dict]:
     turns = _turns(record, "conversations", where, "sharegpt", "from, value")
     messages = []
     system = record.get("system")
@@ -307,91 +337,79 @@ def _sharegpt(record: Mapping, where: str) -> list[dict]:
         messages.append({"role": "system", "content": _text(system, where, "field 'system'")})
     for i, t in enumerate(turns):
         if not isinstance(t, Mapping):
-            raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+            raise where.error(f"conversations[{i}] must be an object with 'from' and 'value'")
         for key in ("from", "value"):
             if t.get(key) is None:
-                raise DataError(f"{where}: missing field '{key}' in conversations[{i}]")
+                raise where.error(f"missing field '{key}' in conversations[{i}]")
         role = _SHAREGPT_ROLES.get(str(t["from"]).lower())
         if role is None:
-            raise DataError(
-                f"{where}: conversations[{i}] has unknown speaker {t['from']!r} "
-                f"(known: {', '.join(sorted(_SHAREGPT_ROLES))})"
+            raise where.error(
+                f"conversations[{i}] has unknown speaker {t['from']!r} (known: {', '.join(sorted(_SHAREGPT_ROLES))})"
             )
         messages.append({"role": role, "content": _text(t["value"], where, f"conversations[{i}].value")})
     return messages
 
 
-def _openai(record: Mapping, where: str) -> list[dict]:
+def _openai(record: Mapping, where: Where) -> list[dict]:
     turns = _turns(record, "messages", where, "openai", "role, content")
     messages = []
     for i, m in enumerate(turns):
         if not isinstance(m, Mapping):
-            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            raise where.error(f"messages[{i}] must be an object with 'role' and 'content'")
         if m.get("role") is None:
-            raise DataError(f"{where}: missing field 'role' in messages[{i}]")
+            raise where.error(f"missing field 'role' in messages[{i}]")
         if "content" not in m and not m.get("tool_calls"):
-            raise DataError(f"{where}: missing field 'content' in messages[{i}]")
+            raise where.error(f"missing field 'content' in messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             texts = []
             for part in content:
                 if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise DataError(f"{where}: messages[{i}] has a non-text content part; only text is supported")
+                    raise where.error(f"messages[{i}] has a non-text content part; only text is supported")
                 texts.append(part["text"])
             content = "".join(texts)
         if content is not None and not isinstance(content, str):
-            raise DataError(f"{where}: messages[{i}].content must be a string, got {type(content).__name__}")
+            raise where.error(f"messages[{i}].content must be a string, got {type(content).__name__}")
         message = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name", "tool_call_id")}
         message["content"] = content
         messages.append(message)
     return messages
 
 
-def check_roles(messages: Sequence[Mapping], where: str, field_name: str = "messages") -> None:
-    """System first (optional), then user, then assistant and user (or tool results) in turn; at
-    least one assistant turn, none of them empty."""
-    allowed = {
-        None: {"system", "user"},
-        "system": {"user"},
-        "user": {"assistant"},
-        "assistant": {"user", "tool"},
-        "tool": {"tool", "assistant"},
-    }
+# Which role may follow which: system first (optional), then user, then assistant and user (or
+# tool results) in turn.
+_NEXT_ROLES = {
+    None: {"system", "user"},
+    "system": {"user"},
+    "user": {"assistant"},
+    "assistant": {"user", "tool"},
+    "tool": {"tool", "assistant"},
+}
+
+
+def check_roles(messages: Sequence[Mapping], where: Where, field_name: str = "messages") -> None:
+    """Roles in the order of _NEXT_ROLES; at least one assistant turn, none of them empty."""
     previous = None
     for i, m in enumerate(messages):
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            raise DataError(
-                f"{where}: {field_name}[{i}] has unknown role {role!r} (expected system, user, assistant or tool)"
-            )
-        if role not in allowed[previous]:
+            raise where.error(f"{field_name}[{i}] has unknown role {role!r} (expected system, user, assistant or tool)")
+        if role not in _NEXT_ROLES[previous]:
             after = f"after {previous!r}" if previous else "as the first turn"
-            expected = " or ".join(sorted(allowed[previous]))
-            raise DataError(f"{where}: wrong role order: {role!r} at {field_name}[{i}] {after} (expected {expected})")
+            expected = " or ".join(sorted(_NEXT_ROLES[previous]))
+            raise where.error(f"wrong role order: {role!r} at {field_name}[{i}] {after} (expected {expected})")
         if role == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls"):
-            raise DataError(f"{where}: empty assistant turn at {field_name}[{i}]")
+            raise where.error(f"empty assistant turn at {field_name}[{i}]")
         if role in ("user", "system") and not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: {field_name}[{i}] ({role}) has no text content")
+            raise where.error(f"{field_name}[{i}] ({role}) has no text content")
         previous = role
     if not any(m.get("role") == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant turn, so nothing to learn")
+        raise where.error("no assistant turn, so nothing to learn")
 
 
 def _reason(error: DataError) -> str:
     """The kind of a row error, for the skipped-rows count ("missing field 'output'" -> "missing field")."""
-    text = str(error).split(": ", 1)[-1]
-    for kind in (
-        "missing field",
-        "wrong role order",
-        "empty assistant turn",
-        "not JSON",
-        "no assistant turn",
-        "unknown speaker",
-        "unknown role",
-    ):
-        if kind in text:
-            return kind
-    return "invalid row"
+    return next((kind for kind in _ROW_ERRORS if kind in error.message), "invalid row")
 
 
 def load_conversations(
@@ -419,100 +437,10 @@ def load_conversations(
                 raise
             stats.skipped[_reason(e)] += 1
     if not out:
-        raise DataError(
-            f"{path}: no usable rows" + (f" ({sum(stats.skipped.values())} bad rows skipped)" if stats.skipped else "")
-        )
+        skipped = f" ({sum(stats.skipped.values())} bad rows skipped)" if stats.skipped else ""
+        raise DataError(f"no usable rows{skipped}", file=path)
     stats.rows, stats.format = len(out), fmt
     return out, stats
-
-
-# ---- tokenization, packing, batches ----------------------------------------------------------------
-
-
-def tokenize(
-    tok, conversations: Sequence[Conversation], max_seq_len: int, stats: DataStats | None = None
-) -> list[Sample]:
-    """Ids and assistant-only labels for each conversation, truncated to max_seq_len.
-
-    Args:
-        tok: the qwenkit Tokenizer (its chat template renders the conversations).
-        conversations: from `load_conversations`.
-        max_seq_len: longer rows are cut (counted in stats.truncated); a row with no assistant
-            token left is dropped (counted in stats.dropped_no_target).
-        stats: a DataStats to count into.
-    """
-    from qwenkit.chat import encode_chat
-
-    stats = stats if stats is not None else DataStats()
-    samples = []
-    for c in conversations:
-        try:
-            ids, mask = encode_chat(tok, c.messages, tools=c.tools)
-        except (ValueError, TypeError) as e:
-            raise DataError(f"{c.where}: {e}") from None
-        if len(ids) > max_seq_len:
-            stats.truncated += 1
-            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-        # The first label is never a target (nothing predicts it), so it cannot count as one.
-        if not any(label != IGNORE_INDEX for label in labels[1:]):
-            stats.dropped_no_target += 1
-            continue
-        samples.append(Sample(ids, labels))
-    return samples
-
-
-def pack(samples: Sequence[Sample], max_seq_len: int, seed: int = 0) -> list[Sample]:
-    """Concatenate samples (in a seeded random order) into sequences of at most max_seq_len tokens.
-
-    Positions restart at 0 at each sample, which tells the model to start a new attention block;
-    no label crosses a boundary, since each sample's first token is a prompt token (label -100).
-
-    Args:
-        samples: tokenized samples, each at most max_seq_len long.
-        max_seq_len: the packed sequences' length limit.
-        seed: the shuffle's seed.
-    """
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    packs: list[Sample] = []
-    current = Sample([], [], [])
-    for i in order:
-        s = samples[i]
-        if current.input_ids and len(current) + len(s) > max_seq_len:
-            packs.append(current)
-            current = Sample([], [], [])
-        current.input_ids += s.input_ids
-        current.labels += [IGNORE_INDEX] + s.labels[1:]
-        current.position_ids += list(range(len(s)))
-    if current.input_ids:
-        packs.append(current)
-    return packs
-
-
-def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sample of the batch (dynamic padding, on the right).
-
-    Padding has attention_mask 0 and label -100, so the pad id (the eos-like `<|endoftext|>`) is never
-    learned and `<|im_end|>` never masked.
-    """
-    T = max(len(s) for s in samples)
-    B = len(samples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-    packed = any(s.position_ids is not None for s in samples)
-    position_ids = torch.zeros((B, T), dtype=torch.long) if packed else None  # (B, T)
-    for b, s in enumerate(samples):
-        n = len(s)
-        input_ids[b, :n] = torch.tensor(s.input_ids)
-        labels[b, :n] = torch.tensor(s.labels)
-        attention_mask[b, :n] = 1
-        if packed:
-            position_ids[b, :n] = torch.tensor(s.position_ids if s.position_ids is not None else range(n))
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    if packed:
-        batch["position_ids"] = position_ids
-    return batch
 
 
 def split_validation(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
@@ -527,97 +455,16 @@ def split_validation(items: Sequence, fraction: float, seed: int) -> tuple[list,
     return [items[i] for i in range(n) if i not in held], [items[i] for i in val]
 
 
-class StepBatches:
-    """Which samples each process gets at each optimizer step: a pure function of the step.
-
-    Each epoch is a seeded permutation of the samples; a step takes the next global batch of
-    batch_size x grad_accum x world_size samples (an epoch's remainder is dropped), and process `rank`
-    gets rows [rank * batch_size, (rank + 1) * batch_size) of each accumulation slice. So the
-    data position is the step count alone, which makes resuming exact, and the same global batch
-    splits the same way across any number of processes.
-
-    Args:
-        samples: the training samples (packed or not).
-        batch_size: sequences per micro-batch per process.
-        grad_accum: micro-batches per step.
-        world_size, rank: the process group.
-        seed: the data order's seed.
-        pad_id: the padding id.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        batch_size: int,
-        grad_accum: int,
-        world_size: int,
-        rank: int,
-        seed: int,
-        pad_id: int,
-    ):
-        self.samples, self.batch_size, self.grad_accum = samples, batch_size, grad_accum
-        self.world_size, self.rank, self.seed, self.pad_id = world_size, rank, seed, pad_id
-        self.global_batch = batch_size * grad_accum * world_size
-        self.steps_per_epoch = len(samples) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(samples)} training sequences do not fill one step of batch_size x grad_accum "
-                f"x processes = {self.global_batch}: lower batch_size or grad_accum"
-            )
-        self._epoch, self._order = -1, None
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, step within the epoch) of optimizer step `step` (0-based)."""
-        return divmod(step, self.steps_per_epoch)
-
-    def order(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(len(self.samples), generator=g).tolist()
-        return self._order
-
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This process's grad_accum micro-batches for optimizer step `step`."""
-        epoch, index = self.position(step)
-        order = self.order(epoch)
-        start = index * self.global_batch
-        out = []
-        for m in range(self.grad_accum):
-            lo = start + (m * self.world_size + self.rank) * self.batch_size
-            out.append(collate([self.samples[i] for i in order[lo : lo + self.batch_size]], self.pad_id))
-        return out
-
-
-def eval_batches(samples: Sequence[Sample], batch_size: int, world_size: int, rank: int, pad_id: int):
-    """This process's share of the validation samples, in batches; every sample counts once overall.
-
-    Every process gets the same number of batches (FSDP needs each forward on all of them): a
-    process with fewer samples fills in with a copy whose labels are all -100, which adds nothing.
-    """
-    mine = list(samples[rank::world_size])
-    per_rank = -(-len(samples) // world_size)
-    filler = Sample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0]))
-    mine += [filler] * (per_rank - len(mine))
-    for i in range(0, len(mine), batch_size):
-        yield collate(mine[i : i + batch_size], pad_id)
-
-
 __all__ = [
+    "FORMATS",
     "Conversation",
     "DataError",
     "DataStats",
-    "FORMATS",
-    "IGNORE_INDEX",
-    "Sample",
-    "StepBatches",
+    "Where",
     "check_roles",
-    "collate",
     "detect_format",
-    "eval_batches",
     "load_conversations",
-    "pack",
     "read_records",
     "split_validation",
     "to_conversation",
-    "tokenize",
 ]

@@ -5,16 +5,22 @@ Launch with `torchrun --nproc_per_node N -m qwenkit.finetune.cli CONFIG.yaml`. E
 is sharded with `fully_shard`, then the root (the model plus its loss head, so that the embeddings
 and the tied LM head are gathered for the whole forward). NCCL on GPUs, gloo on CPU. Only rank 0
 logs and writes shared files.
+
+torch.distributed.fsdp and torch.distributed.tensor are imported where they are used: they take
+seconds to import, and a run on one process never needs them.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from qwenkit.errors import RecipeError
 
 
 @dataclass
@@ -47,7 +53,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r}: no CUDA GPU is available")
+            raise RecipeError(f"key 'device': {device!r}, but no CUDA GPU is available")
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -93,9 +99,10 @@ def barrier() -> None:
 
 
 def is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    # A DTensor exists only once torch.distributed.tensor is imported, so a run on one process
+    # never imports it just to ask.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from qwenkit.model import IGNORE_INDEX
+
 # Rows of logits per chunk where the head trains: 512 x 152k fp32 is ~311 MB, small next to a 7B
 # model's activations, and large enough that each chunk is one efficient matrix product.
 DEFAULT_CHUNK_ROWS = 512
@@ -91,7 +92,7 @@ def _trained_head(h, weight, targets, eps: float, chunk_rows: int | None, need_h
     grad_h = torch.empty_like(h) if need_h else None  # (N, C)
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # (V, C)
     # One logits buffer for every chunk where the product is already in fp32: a fresh block of
-    # this size comes from mmap and costs its page faults each time (~15% of the product on CPU).
+    # this size would come from mmap and pay its page faults on every chunk.
     buf = torch.empty(min(chunk_rows, N), V, dtype=acc, device=h.device) if h.dtype == weight.dtype == acc else None
     for start in range(0, N, chunk_rows):
         hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, C), (n,)
@@ -127,8 +128,8 @@ def _frozen_head(h, weight, targets, eps: float, chunk_rows: int | None, vocab_t
     is exponentiated against the running maximum of its rows and multiplied into the gradient
     right away, and what came before is rescaled when the maximum grows (the online softmax of
     flash attention). d loss / d h = softmax @ W - (1 - eps) W[target] - (eps / V) sum_v W[v].
-    A tile of 2048 x 1024 fp32 logits is 8 MB and stays in the CPU's caches: with whole-vocabulary
-    chunks every pass over the logits went to memory, and the step's LM head took 10% longer.
+    A tile of 2048 x 1024 fp32 logits is 8 MB and stays in the CPU's caches, where whole-vocabulary
+    chunks would send every pass over the logits to memory.
     """
     N, V = h.shape[0], weight.shape[0]
     acc = _accumulator(h)

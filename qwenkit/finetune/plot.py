@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from qwenkit.files import atomic_path
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl file (a torn last line, from a killed run, is ignored)."""
@@ -31,7 +33,7 @@ def plot_losses(metrics_file: str | os.PathLike, out_file: str | os.PathLike) ->
         metrics_file: a run's metrics.jsonl.
         out_file: the PNG to write.
     """
-    try:
+    try:  # optional, and slow to import: only here
         import matplotlib
 
         matplotlib.use("Agg")  # no display needed, and no GUI backend imported in a training job
@@ -51,8 +53,9 @@ def plot_losses(metrics_file: str | os.PathLike, out_file: str | os.PathLike) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_file)
+    try:
+        with atomic_path(out_file) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return True

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qwenkit.finetune.recipe import FinetuneConfig, RecipeError
+from qwenkit.errors import RecipeError
+from qwenkit.finetune.config import FinetuneConfig
 
 
 def depth_of(name: str, num_layers: int) -> int:

@@ -15,6 +15,7 @@ processes gives the same gradient.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -23,22 +24,27 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from qwenkit.finetune import distributed as D
-from qwenkit.finetune import state as S
-from qwenkit.finetune.data import (
-    IGNORE_INDEX,
-    DataError,
-    DataStats,
-    StepBatches,
-    eval_batches,
-    load_conversations,
-    pack,
-    split_validation,
-    tokenize,
+from qwenkit.checkpoint import iter_tensors, read_generation_config, resolve_model_path
+from qwenkit.config import from_hf_config
+from qwenkit.errors import DataError, RecipeError
+from qwenkit.files import atomic_write
+from qwenkit.finetune import resume
+from qwenkit.finetune.batches import StepBatches, eval_batches, pack, tokenize
+from qwenkit.finetune.config import FinetuneConfig, check_required, to_dict
+from qwenkit.finetune.data import DataStats, load_conversations, split_validation
+from qwenkit.finetune.distributed import (
+    all_reduce_sum,
+    assign_full,
+    barrier,
+    full_tensor,
+    init_distributed,
+    shard,
+    shutdown,
 )
 from qwenkit.finetune.loss import CausalLMLoss, shift_targets
-from qwenkit.finetune.recipe import FinetuneConfig, RecipeError, check_required, to_dict
+from qwenkit.finetune.plot import plot_losses, read_metrics
 from qwenkit.finetune.strategy import (
     build_optimizer,
     build_scheduler,
@@ -49,6 +55,9 @@ from qwenkit.finetune.strategy import (
     trainable_names,
     unfrozen_groups,
 )
+from qwenkit.lora import apply_lora, initial_lora_weights, save_adapter
+from qwenkit.model import IGNORE_INDEX, QwenForCausalLM
+from qwenkit.tokenizer import load_tokenizer
 
 METRICS = "metrics.jsonl"
 # Keys that change the course of a run: resuming with any of them changed is refused. (The global
@@ -117,7 +126,7 @@ class Trainer:
     def setup(self) -> Trainer:
         cfg = self.cfg
         check_required(cfg)
-        self.dist = D.init_distributed(cfg.device)
+        self.dist = init_distributed(cfg.device)
         self.output = Path(cfg.output)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -145,16 +154,12 @@ class Trainer:
         self.autocast = low and not self.dist.distributed
 
     def _tokenizer(self, folder: Path):
-        from qwenkit.tokenizer import load_tokenizer
-
         if (folder / "tokenizer.json").exists():
             return load_tokenizer(folder)
         self.log(f"{folder} has no tokenizer.json: using the built-in Qwen2.5 tokenizer")
         return load_tokenizer()
 
     def _setup_data(self) -> None:
-        from qwenkit.checkpoint import resolve_model_path
-
         cfg = self.cfg
         self.model_dir = resolve_model_path(cfg.model)
         self.tok = self._tokenizer(self.model_dir)
@@ -192,11 +197,6 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.batches.steps_per_epoch
 
     def _setup_model(self) -> None:
-        from qwenkit.checkpoint import read_generation_config
-        from qwenkit.config import from_hf_config
-        from qwenkit.lora import apply_lora
-        from qwenkit.model import QwenForCausalLM
-
         cfg, device = self.cfg, self.dist.device
         config = from_hf_config(self.model_dir)
         if config.vocab_size < len(self.tok):
@@ -233,7 +233,7 @@ class Trainer:
         self.model = model
         self.root = CausalLMLoss(model, cfg.label_smoothing)
         if self.dist.distributed:
-            D.shard(self.root, model.model.layers, self.param_dtype)
+            shard(self.root, model.model.layers, self.param_dtype)
         self.root.to_empty(device=device)
         self._load_weights()
         model.model.rotary_emb.reset_buffers(device)
@@ -250,47 +250,27 @@ class Trainer:
     @torch.no_grad()
     def _load_weights(self) -> None:
         """Read the base checkpoint into the (possibly sharded) parameters, then the adapters' init."""
-        from safetensors import safe_open
-
-        from qwenkit.checkpoint import CheckpointError, checkpoint_files
-        from qwenkit.lora import initial_lora_weights
-
         params = dict(self.model.named_parameters())
-        tied = self.model.config.tie_word_embeddings
-        seen = set()
-        for shard, names in checkpoint_files(self.model_dir).items():
-            file = self.model_dir / shard
-            with safe_open(str(file), framework="pt") as f:
-                for name in names:
-                    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                        continue
-                    if name not in params:
-                        raise CheckpointError(f"{file}: unexpected tensor '{name}' (not part of this model's config)")
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != tuple(params[name].shape):
-                        raise CheckpointError(
-                            f"{file}: tensor '{name}' has shape {list(tensor.shape)}, "
-                            f"the config asks for {list(params[name].shape)}"
-                        )
-                    D.assign_full(params[name], tensor.to(params[name].dtype))
-                    seen.add(name)
-        for name, tensor in initial_lora_weights(self.model, self.cfg.seed).items():
-            D.assign_full(params[name], tensor)
-            seen.add(name)
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise CheckpointError(f"{self.model_dir}: missing tensors {', '.join(missing[:5])}")
+        lora = initial_lora_weights(self.model, self.cfg.seed)  # the adapters are not in the checkpoint
+        expected = {name: p.shape for name, p in params.items() if name not in lora}
+        # Read in fp32 where any parameter read is fp32 (so a trained weight is exact whatever the
+        # checkpoint's dtype); in the frozen dtype where none is (LoRA in bf16: no fp32 copy).
+        dtype = torch.float32 if any(params[n].dtype == torch.float32 for n in expected) else self.frozen_dtype
+        for name, tensor in iter_tensors(self.model_dir, expected, dtype, self.model.config.tie_word_embeddings):
+            assign_full(params[name], tensor)
+        for name, tensor in lora.items():
+            assign_full(params[name], tensor)
 
     def _prepare_output(self) -> None:
         cfg = self.cfg
         if self.dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            S.remove_partial(self.output)
-        D.barrier()
-        found = S.checkpoint_dirs(self.output)
+            resume.remove_partial(self.output)
+        barrier()
+        found = resume.checkpoint_dirs(self.output)
         metrics = self.output / METRICS
         if cfg.resume and found:
-            meta = S.load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler, self.dist)
+            meta = resume.load_checkpoint(found[-1], self.model, self.optimizer, self.scheduler, self.dist)
             changed = [k for k in _TRAJECTORY_KEYS if meta["recipe"].get(k) != to_dict(cfg).get(k)]
             if changed:
                 k = changed[0]
@@ -310,17 +290,17 @@ class Trainer:
             self.bad_evals, self.last_eval = meta.get("bad_evals", 0), meta.get("last_eval")
             self.log(f"resumed from {found[-1]} (step {self.step} of {self.total_steps})")
         elif cfg.resume:
-            self.log(f"resume: no checkpoint in {self.output / S.CHECKPOINTS}, starting at step 0")
+            self.log(f"resume: no checkpoint in {self.output / resume.CHECKPOINTS}, starting at step 0")
         elif found or metrics.exists():
             raise RecipeError(
-                f"key 'output': {self.output} already holds a run ({METRICS} or {S.CHECKPOINTS}/); "
+                f"key 'output': {self.output} already holds a run ({METRICS} or {resume.CHECKPOINTS}/); "
                 "set resume: true to continue it, or choose another output folder"
             )
-        D.barrier()  # every rank has looked at the folder before rank 0 writes to it
+        barrier()  # every rank has looked at the folder before rank 0 writes to it
         if self.dist.is_main:
             # Lines written after the checkpoint by the run that was killed are replaced by this one's.
-            kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= self.step]
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            kept = [r for r in read_metrics(metrics) if r.get("step", 0) <= self.step]
+            atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -328,8 +308,6 @@ class Trainer:
         """Run to max_steps (or the epochs), early stopping, or the end; write the outputs."""
         cfg = self.cfg
         if self.dist.is_main and self.progress:
-            from tqdm import tqdm
-
             self._bar = tqdm(
                 total=self.total_steps,
                 initial=self.step,
@@ -356,8 +334,6 @@ class Trainer:
                 self._bar.close()
         plotted = False
         if self.dist.is_main:
-            from qwenkit.finetune.plot import plot_losses
-
             plotted = plot_losses(self.output / METRICS, self.output / "loss.png")
             if not plotted:
                 self.log("loss.png not drawn: matplotlib is not installed (pip install 'qwenkit[plot]')")
@@ -393,7 +369,7 @@ class Trainer:
             ],
             dtype=torch.float64,
         )
-        n_targets, n_tokens = D.all_reduce_sum(counts).tolist()
+        n_targets, n_tokens = all_reduce_sum(counts).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
         for i, batch in enumerate(micro):
             if dist.distributed:
@@ -404,7 +380,7 @@ class Trainer:
                 # Global token mean; FSDP averages gradients over processes, hence the world size.
                 (loss * (dist.world_size / n_targets)).backward()
             loss_sum += loss.detach().double()
-        loss_value = D.all_reduce_sum(loss_sum.cpu()).item() / n_targets
+        loss_value = all_reduce_sum(loss_sum.cpu()).item() / n_targets
         drop_locked_grads(self.optimizer)
         grad_norm = self._clip()
         self.optimizer.step()
@@ -436,7 +412,7 @@ class Trainer:
             return None
         max_norm = self.cfg.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=not self.dist.distributed or None)
-        return float(D.full_tensor(norm))
+        return float(full_tensor(norm))
 
     def _autocast(self):
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -458,12 +434,10 @@ class Trainer:
                 loss, n = self.root(**self._to_device(batch))
             total += torch.tensor([loss.item(), n.item()], dtype=torch.float64)
         self.root.train()
-        loss_sum, count = D.all_reduce_sum(total).tolist()
+        loss_sum, count = all_reduce_sum(total).tolist()
         return loss_sum / max(count, 1)
 
     def _evaluate_and_track(self) -> None:
-        import math
-
         loss = self.evaluate()
         self.last_eval, self.last_eval_step = loss, self.step
         improved = self.best_eval is None or loss < self.best_eval
@@ -498,7 +472,7 @@ class Trainer:
             "recipe": to_dict(self.cfg),
             "global_batch": self.batches.global_batch,
         }
-        return S.save_checkpoint(
+        return resume.save_checkpoint(
             self.output,
             self.step,
             self.model,
@@ -514,25 +488,21 @@ class Trainer:
     def save_output(self, folder: Path) -> None:
         """The run's result: the LoRA adapter (PEFT format), or a complete HF checkpoint with the
         tokenizer. Collective under FSDP (each tensor is gathered), written by rank 0."""
-        from qwenkit.lora import save_adapter
-
         params = dict(self.model.named_parameters())
         if self.cfg.method == "lora":
-            state = {n: D.full_tensor(params[n]).detach().cpu() for n in self.trained}
+            state = {n: full_tensor(params[n]).detach().cpu() for n in self.trained}
             if self.dist.is_main:
                 save_adapter(folder, state, self.model.lora_settings, base_model=str(self.cfg.model))
-            D.barrier()
+            barrier()
             return
         config = self.model.config
         dtype = getattr(torch, config.torch_dtype, torch.float32)
         if not self.dist.distributed:
             self.model.save_pretrained(folder, dtype=dtype)
         else:
-            from qwenkit.model import QwenForCausalLM
-
             state = {}
             for name, p in params.items():
-                t = D.full_tensor(p).detach()
+                t = full_tensor(p).detach()
                 if self.dist.is_main:
                     state[name] = t.to("cpu", dtype)
             if self.dist.is_main:
@@ -543,7 +513,7 @@ class Trainer:
                 copy.save_pretrained(folder, dtype=dtype)
         if self.dist.is_main:
             self.tok.save_pretrained(folder)
-        D.barrier()
+        barrier()
 
     def _write_metrics(self, record: dict) -> None:
         if self.dist.is_main:
@@ -559,12 +529,6 @@ class Trainer:
             print(message, file=sys.stderr, flush=True)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    from qwenkit.finetune.plot import read_metrics
-
-    return read_metrics(path)
-
-
 def finetune(cfg: FinetuneConfig, callbacks: Sequence[Callback] = (), progress: bool = True) -> dict:
     """Run a recipe from set-up to outputs; returns the summary of `Trainer.train`.
 
@@ -577,7 +541,7 @@ def finetune(cfg: FinetuneConfig, callbacks: Sequence[Callback] = (), progress: 
     try:
         return trainer.setup().train()
     finally:
-        D.shutdown()
+        shutdown()
 
 
 __all__ = ["METRICS", "Trainer", "finetune"]

@@ -4,7 +4,7 @@ A checkpoint is a folder `output/checkpoints/step-00000100/`, written under a te
 renamed into place only once complete (a run killed mid-write leaves a `.tmp-*` folder that is
 ignored and cleaned up), keeping the last K. Tensors go to safetensors, everything else to JSON:
 no pickle. The data position needs no file of its own: the batches of a step are a pure function
-of the step (see data.StepBatches).
+of the step (see batches.StepBatches).
 
 Under FSDP, "full" checkpoints gather each tensor on rank 0 (one file, loadable by any number of
 processes); "sharded" ones write one file per rank (no gathering; resumed with the same number of
@@ -21,8 +21,19 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from qwenkit.finetune import distributed as D
+from qwenkit.errors import CheckpointError
+from qwenkit.files import install_dir
+from qwenkit.finetune.distributed import (
+    DistInfo,
+    assign_full,
+    barrier,
+    full_tensor,
+    is_dtensor,
+    like_param,
+    local_tensor,
+)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -49,15 +60,7 @@ def remove_partial(output: str | os.PathLike) -> None:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -73,7 +76,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     info: dict,
-    dist: D.DistInfo,
+    dist: DistInfo,
     sharded: bool,
     keep_last: int,
 ) -> Path:
@@ -96,10 +99,10 @@ def save_checkpoint(
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    D.barrier()
+    barrier()
 
     params = dict(model.named_parameters())
-    gather = D.local_tensor if sharded else D.full_tensor
+    gather = local_tensor if sharded else full_tensor
     weights = {n: gather(params[n]) for n in trained}
     sd = optimizer.state_dict()
     opt_tensors = {}
@@ -107,7 +110,7 @@ def save_checkpoint(
         for key in sorted(sd["state"][idx]):
             value = sd["state"][idx][key]
             if torch.is_tensor(value):
-                opt_tensors[f"{idx}.{key}"] = gather(value) if D.is_dtensor(value) else value
+                opt_tensors[f"{idx}.{key}"] = gather(value) if is_dtensor(value) else value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     non_tensor_state = {
         str(idx): {k: v for k, v in s.items() if not torch.is_tensor(v)} for idx, s in sd["state"].items()
@@ -122,7 +125,7 @@ def save_checkpoint(
         rng["cuda"] = torch.cuda.get_rng_state(dist.device)
     _save_tensors(rng, tmp / f"rng-rank{dist.rank:05d}.safetensors")
     (tmp / f"rng-rank{dist.rank:05d}.json").write_text(json.dumps({"python": _py_state(random.getstate())}))
-    D.barrier()
+    barrier()
     if dist.is_main:
         meta = {
             "step": step,
@@ -134,17 +137,15 @@ def save_checkpoint(
             **info,
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        install_dir(tmp, final)
         for old in checkpoint_dirs(output)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    D.barrier()
+    barrier()
     return final
 
 
 def load_checkpoint(
-    folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dist: D.DistInfo
+    folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dist: DistInfo
 ) -> dict:
     """Restore what `save_checkpoint` wrote into a model and optimizer built the same way; returns
     the saved run state (step, info). RNG states are restored last, so nothing after this draws
@@ -153,40 +154,41 @@ def load_checkpoint(
     meta = json.loads((folder / STATE_FILE).read_text())
     sharded = meta["sharded"]
     if sharded and meta["world_size"] != dist.world_size:
-        raise ValueError(
-            f"{folder}: a sharded checkpoint of {meta['world_size']} processes cannot resume on "
-            f"{dist.world_size}; use checkpoint_format: full to change the number of processes"
+        raise CheckpointError(
+            f"a sharded checkpoint of {meta['world_size']} processes cannot resume on "
+            f"{dist.world_size}; use checkpoint_format: full to change the number of processes",
+            file=folder,
         )
     suffix = f"-rank{dist.rank:05d}" if sharded else ""
     params = dict(model.named_parameters())
-    weights = _load_tensors(folder / f"model{suffix}.safetensors")
+    weights = load_file(folder / f"model{suffix}.safetensors")
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise ValueError(f"{folder}: tensor '{unknown[0]}' is not a parameter of this run's model")
+        raise CheckpointError(f"tensor '{unknown[0]}' is not a parameter of this run's model", file=folder)
     with torch.no_grad():
         for name, tensor in weights.items():
             if sharded:
-                D.local_tensor(params[name]).copy_(tensor)
+                local_tensor(params[name]).copy_(tensor)
             else:
-                D.assign_full(params[name], tensor)
+                assign_full(params[name], tensor)
 
     index_param = _optimizer_params(optimizer)
     saved = meta["optimizer"]
     if [len(g["params"]) for g in saved["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
-        raise ValueError(f"{folder}: the optimizer's parameter groups differ from this run's")
-    tensors = _load_tensors(folder / f"optimizer{suffix}.safetensors")
+        raise CheckpointError("the optimizer's parameter groups differ from this run's", file=folder)
+    tensors = load_file(folder / f"optimizer{suffix}.safetensors")
     state: dict[int, dict] = {int(i): dict(s) for i, s in saved["state"].items()}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
         param = index_param[int(idx)]
-        if name != "step" and D.is_dtensor(param) and value.ndim:
-            value = D.like_param(param, value, sharded)
+        if name != "step" and is_dtensor(param) and value.ndim:
+            value = like_param(param, value, sharded)
         state.setdefault(int(idx), {})[name] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(meta["scheduler"])
 
-    rng = _load_tensors(folder / f"rng-rank{dist.rank:05d}.safetensors")
+    rng = load_file(folder / f"rng-rank{dist.rank:05d}.safetensors")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and dist.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], dist.device)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
 
 from qwenkit.errors import RecipeError
 from qwenkit.lora import ALL_LINEAR
@@ -110,7 +113,22 @@ class FinetuneConfig:
 
 
 KEYS = [f.name for f in dataclasses.fields(FinetuneConfig)]
+TYPES = get_type_hints(FinetuneConfig)  # {key: its annotation}, the types values are coerced to
 REQUIRED = ("model", "data", "output")
+
+
+def check_keys(keys: Iterable, file: str | os.PathLike | None = None) -> None:
+    """Raise a RecipeError for the first key that is not a recipe key, with the closest one as a hint.
+
+    Args:
+        keys: the keys given (in a YAML file, a mapping, or on the command line).
+        file: the recipe file they come from, named in the error.
+    """
+    for k in keys:
+        if k not in KEYS:
+            close = difflib.get_close_matches(str(k), KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"unknown key '{k}'{hint}", file=file)
 
 
 def key_help() -> list[tuple[str, str, Any]]:
@@ -199,11 +217,8 @@ def _type_name(kind) -> str:
 
 def validate(c: FinetuneConfig) -> None:
     """Coerce every field to its type and check its range; errors name the key."""
-    import typing
-
-    hints = typing.get_type_hints(FinetuneConfig)
     for f in dataclasses.fields(c):
-        setattr(c, f.name, _coerce(f.name, getattr(c, f.name), hints[f.name]))
+        setattr(c, f.name, _coerce(f.name, getattr(c, f.name), TYPES[f.name]))
 
     def positive(*keys):
         for k in keys:
@@ -297,33 +312,27 @@ def build_config(values: dict[str, Any]) -> FinetuneConfig:
     """
     if not isinstance(values, dict):
         raise RecipeError(f"a recipe must be a mapping of keys to values, got {type(values).__name__}")
-    for k in values:
-        if k not in KEYS:
-            close = difflib.get_close_matches(str(k), KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"unknown key '{k}'{hint}")
+    check_keys(values)
     return FinetuneConfig(**values)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping in a recipe file; errors name the file and line."""
-    import yaml
-
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"{p}: no such recipe file") from None
+        raise RecipeError("no such recipe file", file=p) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        line = mark.line + 1 if mark else None
+        raise RecipeError(f"not valid YAML ({getattr(e, 'problem', e)})", file=p, line=line) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{p}: a recipe must be a mapping of keys to values, got {type(data).__name__}")
+        raise RecipeError(f"a recipe must be a mapping of keys to values, got {type(data).__name__}", file=p)
     return data
 
 
@@ -336,15 +345,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """
     values = read_yaml(path) if path else {}
     if path:
-        for k in values:
-            if k not in KEYS:
-                close = difflib.get_close_matches(str(k), KEYS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise RecipeError(f"{path}: unknown key '{k}'{hint}")
+        # The file alone must be a valid (partial) recipe, so that its errors name the file.
         try:
             build_config(values)
         except RecipeError as e:
-            raise RecipeError(f"{path}: {e}") from None
+            raise RecipeError(e.message, file=path, line=e.line, field=e.field) from None
     values.update(overrides or {})
     return build_config(values)
 
@@ -356,8 +361,10 @@ def to_dict(c: FinetuneConfig) -> dict[str, Any]:
 __all__ = [
     "FinetuneConfig",
     "KEYS",
+    "TYPES",
     "RecipeError",
     "build_config",
+    "check_keys",
     "check_required",
     "key_help",
     "load_config",
