@@ -11,6 +11,7 @@ import time
 import pytest
 
 from qwenkit.tasks import sample_data, sandbox
+from qwenkit.tasks.sandbox import child
 
 
 def survivors(workdir: str) -> list[int]:
@@ -140,8 +141,8 @@ def test_os_layer_makes_the_filesystem_read_only(tmp_path):
     # and the code cannot undo it: no capabilities are left to remount with
     remount = sandbox.run_python(
         "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-        "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0\n"
-        "assert libc.umount2(b'/dev', 2) != 0\n",
+        f"assert libc.mount(None, b'/', None, {child.MS_REMOUNT | child.MS_BIND}, None) != 0\n"
+        "assert libc.umount2(b'/dev', 2) != 0\n",  # 2: MNT_DETACH
         guards=False,
     )
     assert remount.passed, remount.stderr
@@ -183,3 +184,24 @@ def test_isolation_is_reported():
     assert "wall-clock timeout" in layers and "Python audit hook" in layers
     if sys.platform == "linux" and sandbox.namespaces_available():
         assert "read-only filesystem outside the folder" in layers
+
+
+def test_the_child_is_a_real_module_run_in_isolated_mode():
+    assert sandbox.CHILD.endswith("child.py") and os.path.isfile(sandbox.CHILD)
+    result = sandbox.run_python(
+        "import sys\nprint(sys.flags.isolated, sys.flags.dont_write_bytecode, sys.flags.utf8_mode)\n"
+        "print(any(m == 'qwenkit' or m.startswith('qwenkit.') for m in sys.modules))\n"
+    )
+    assert result.passed, result.stderr
+    assert result.stdout.split() == ["1", "1", "1", "False"]  # -I -B -X utf8, and nothing of qwenkit loaded
+
+
+def test_the_docstring_lists_what_isolation_reports():
+    doc = sandbox.__doc__
+    covered = doc[doc.index("What is covered") : doc.index("What is not covered")]
+    bullets = [line[2:].split(":")[0] for line in covered.splitlines() if line.startswith("- ")]
+    assert bullets == list(sandbox.PROTECTIONS)
+    assert set(sandbox.isolation()) <= set(sandbox.PROTECTIONS)
+    result = sandbox.run_python("pass\n", guards=False)
+    assert set(result.isolation) <= set(sandbox.PROTECTIONS) and "Python audit hook" not in result.isolation
+    assert "wall-clock timeout" in result.isolation

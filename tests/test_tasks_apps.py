@@ -12,7 +12,7 @@ import torch
 from qwenkit.cli import COMMANDS, main
 from qwenkit.hub import load
 from qwenkit.tasks import commands, sentiment, translate, write
-from qwenkit.tasks.common import answer_ids, sampling
+from qwenkit.tasks.scoring import answer_ids
 
 # Registered here too, so that these tests do not depend on the order in which cli.py is wired.
 for _fn in (commands.write, commands.qa, commands.translate, commands.sentiment, commands.code, commands.eval_):
@@ -231,7 +231,7 @@ def test_long_input_is_split_into_sentences_and_batched(tiny, monkeypatch):
 
     monkeypatch.setattr(translate, "chat", spy)
     text = "The weather was beautiful. We walked along the river.\n\nThen we had dinner. It was late!"
-    params = sampling(model, 6, temperature=1.0, seed=0)
+    params = translate.TASK.sampling(model, 6, temperature=1.0, seed=0)
     out = translate.translate(model, tok, [text, "Short one."], "de", params, "en", batch_size=2)
     assert calls == [
         (

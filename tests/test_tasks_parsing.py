@@ -6,8 +6,8 @@ import math
 import pytest
 
 from qwenkit.tasks import code, qa, translate, write
-from qwenkit.tasks.common import strip_preamble
 from qwenkit.tasks.evaluate import join_predictions
+from qwenkit.tasks.hygiene import strip_preamble
 
 # ---- code ---------------------------------------------------------------------------------------------------
 

@@ -8,20 +8,66 @@
 | sentiment | label log-likelihoods, probabilities | text, label | accuracy, macro-F1, confusion |
 | code | extraction, sandboxed tests, repair | HumanEval records | pass@1, pass@k |
 
-`metrics` holds the metrics as pure functions, `sandbox` runs generated code, `evaluate` is
-`qwenkit eval`, and `commands` the CLI commands. Importing this package does not import torch.
+Each module defines its `Task` (the protocol of `base`) as `TASK`; `TASKS` maps a name to it.
+`metrics` holds the metrics as pure functions, `scoring` the log-likelihoods of answers, `hygiene`
+the cleaning of text going in and out, `sandbox` runs generated code, `evaluate` is `qwenkit eval`,
+and `commands` the CLI commands. Importing this package does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-TASKS = ("sentiment", "qa", "translate", "code", "write")
+from qwenkit.errors import UserError
+
+if TYPE_CHECKING:
+    from qwenkit.tasks.base import Task
+
 DATA = Path(__file__).parent / "data"
+
+
+class TaskRegistry(MutableMapping):
+    """Tasks by name. A built-in task is named by its module, imported at the first lookup (the
+    task modules import torch, which `qwenkit --help` should not pay for); a Task object set by
+    name, as tests do, is used as it is."""
+
+    def __init__(self, modules: Mapping[str, str]):
+        self._entries: dict[str, Task | str] = dict(modules)
+
+    def __getitem__(self, name: str) -> Task:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            entry = self._entries[name] = importlib.import_module(entry).TASK
+        return entry
+
+    def __setitem__(self, name: str, task: Task) -> None:
+        self._entries[name] = task
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+TASKS = TaskRegistry({name: f"qwenkit.tasks.{name}" for name in ("sentiment", "qa", "translate", "code", "write")})
+
+
+def get_task(name: str) -> Task:
+    """The task of that name, or a UserError that lists the names."""
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
 
 
 def sample_data(task: str) -> Path:
     """The small sample file of a task shipped with qwenkit (a few dozen rows, for tests and demos)."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     return DATA / f"{task}.jsonl"

@@ -15,10 +15,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
+from qwenkit.errors import UserError
 from qwenkit.generate import SamplingParams
 from qwenkit.model import QwenForCausalLM
 from qwenkit.tasks import metrics, sandbox
-from qwenkit.tasks.common import Messages, chat
+from qwenkit.tasks.base import Context, GenerativeTask, Messages, chat
 from qwenkit.tokenizer import Tokenizer
 
 LANG_ALIASES = {
@@ -145,7 +148,7 @@ def solve(
     """
     lang = normalize_lang(lang)
     if tests is not None and lang != "python":
-        raise ValueError(f"tests can run only for Python code, not {lang}")
+        raise UserError(f"tests can run only for Python code, not {lang}")
     messages: Messages = [{"role": "system", "content": system_prompt(lang)}, {"role": "user", "content": task}]
     attempts: list[Attempt] = []
     for _ in range(repair + 1):
@@ -183,8 +186,6 @@ def generate_code(
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
-REQUIRED = ("task_id", "prompt", "test", "entry_point")
-
 
 def humaneval_messages(prompt: str) -> Messages:
     """The chat that asks a chat model to complete a HumanEval prompt."""
@@ -207,51 +208,54 @@ def completion_from_reply(reply: str, entry_point: str) -> str:
     return code
 
 
-def predict(
-    model: QwenForCausalLM,
-    tok: Tokenizer,
-    rows: Sequence[dict],
-    params: SamplingParams,
-    batch_size: int = 8,
-    samples: int = 1,
-) -> list[dict]:
-    """`samples` records per problem, each with its `prediction` (the completion) and the `reply`."""
-    jobs = [row for row in rows for _ in range(samples)]
-    done = chat(model, tok, [humaneval_messages(r["prompt"]) for r in jobs], params, batch_size, desc="generating")
-    return [
-        {
-            "task_id": r["task_id"],
-            "prompt": r["prompt"],
-            "test": r["test"],
-            "entry_point": r["entry_point"],
-            "prediction": completion_from_reply(c.text, r["entry_point"]),
-            "reply": c.text,
-        }
-        for r, c in zip(jobs, done)
-    ]
+@dataclass(frozen=True)
+class CodeTask(GenerativeTask):
+    """HumanEval records. Several records of one `task_id` are several samples of its problem, scored
+    as pass@k; `qwenkit eval --samples N` makes them.
+
+    Args:
+        workers: programs run in the sandbox at once.
+    """
+
+    workers: int = 2
+
+    name = "code"
+    required = ("task_id", "prompt", "test", "entry_point")
+    key = "task_id"
+    max_new_tokens = 512  # a whole function
+
+    def build_messages(self, tok: Tokenizer, row: dict) -> Messages:
+        return humaneval_messages(row["prompt"])
+
+    def parse(self, reply: str, row: dict) -> dict:
+        """The completion as the prediction, and the whole reply."""
+        return {"prediction": completion_from_reply(reply, row["entry_point"]), "reply": reply}
+
+    def score(self, records: Sequence[dict], ctx: Context) -> tuple[dict, list[dict]]:
+        """Run every record's program in the sandbox (ctx.timeout seconds each); pass@1 and pass@k
+        over problems."""
+
+        def run(r: dict) -> sandbox.SandboxResult:
+            program = r["prompt"] + str(r["prediction"] or "")
+            return sandbox.run_tests(program, r["test"], r["entry_point"], timeout=ctx.timeout)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            results = list(
+                tqdm(pool.map(run, records), total=len(records), desc="testing", unit="program", disable=not records)
+            )
+        out, by_task = [], {}
+        for r, res in zip(records, results):
+            by_task.setdefault(r["task_id"], []).append(res.passed)
+            out.append({**r, "passed": res.passed, "result": res.summary()})
+        samples = {len(v) for v in by_task.values()}
+        # HumanEval's k of 1, 10 and 100, and k = n (any sample passes) when n is none of them.
+        ks = sorted({1, 10, 100, min(samples, default=1)})
+        return {
+            **metrics.mean_pass_at_k(by_task, ks),
+            "problems": len(by_task),
+            "samples_per_problem": samples.pop() if len(samples) == 1 else sorted(samples),
+            "count": len(records),
+        }, out
 
 
-def score(records: Sequence[dict], timeout: float = 10.0, workers: int = 2, **_) -> tuple[dict, list[dict]]:
-    """Run every record's program in the sandbox; pass@1 and pass@k over problems."""
-    from tqdm import tqdm
-
-    def run(r: dict) -> sandbox.SandboxResult:
-        return sandbox.run_tests(r["prompt"] + str(r["prediction"] or ""), r["test"], r["entry_point"], timeout=timeout)
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(
-            tqdm(pool.map(run, records), total=len(records), desc="testing", unit="program", disable=not records)
-        )
-    out, by_task = [], {}
-    for r, res in zip(records, results):
-        by_task.setdefault(r["task_id"], []).append(res.passed)
-        out.append({**r, "passed": res.passed, "result": res.summary()})
-    samples = {len(v) for v in by_task.values()}
-    # HumanEval's k of 1, 10 and 100, and k = n (any sample passes) when n is none of them.
-    ks = sorted({1, 10, 100, min(samples, default=1)})
-    return {
-        **metrics.mean_pass_at_k(by_task, ks),
-        "problems": len(by_task),
-        "samples_per_problem": samples.pop() if len(samples) == 1 else sorted(samples),
-        "count": len(records),
-    }, out
+TASK = CodeTask()

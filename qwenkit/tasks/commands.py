@@ -1,6 +1,6 @@
 """The applications' CLI commands: `write`, `qa`, `translate`, `sentiment`, `code` and `eval`.
 
-Typed functions, registered in qwenkit/cli.py, whose signatures become the flags and whose docstrings
+Typed functions, registered by qwenkit/cli/apps.py, whose signatures become the flags and whose docstrings
 become `--help`. Heavy imports happen inside them, so `qwenkit --help` stays fast.
 """
 
@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from qwenkit.errors import UserError
+from qwenkit.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from qwenkit.tasks.base import GenerativeTask
 
 Dtype = Literal["float32", "bfloat16"]
 
@@ -23,15 +26,11 @@ def _load(model: str, dtype: str):
     return load(model, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
 
 
-def _sampling(m, max_new_tokens: int, temperature: float | None, seed: int | None = None, greedy: bool = True):
-    from qwenkit.tasks.common import sampling
-
+def _sampling(task: GenerativeTask, m, max_new_tokens: int, temperature: float | None, seed: int | None):
+    """The command's decoding: its task's defaults (greedy, or the checkpoint's sampling for write)."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    try:
-        return sampling(m, max_new_tokens, temperature, seed, greedy)
-    except ValueError as e:
-        raise UserError(f"--temperature: {e}") from None
+    return task.sampling(m, max_new_tokens, temperature, seed)
 
 
 def write(
@@ -61,7 +60,7 @@ def write(
     from qwenkit.tasks import write as task
 
     m, tok = _load(model, dtype)
-    params = _sampling(m, max_new_tokens, temperature, seed, greedy=False)
+    params = _sampling(task.TASK, m, max_new_tokens, temperature, seed)
     piece = task.write(m, tok, [prompt], params, style)[0]
     print(task.join(prompt, piece) if style == "continue" else piece)
     return 0
@@ -98,11 +97,8 @@ def qa(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     m, tok = _load(model, dtype)
-    params = _sampling(m, max_new_tokens, temperature, seed)
-    try:
-        result = task.answer(m, tok, [question], params, [context], top_k)[0]
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    params = _sampling(task.TASK, m, max_new_tokens, temperature, seed)
+    result = task.answer(m, tok, [question], params, [context], top_k)[0]
     print(result.answer or "(no answer)")
     if context:
         if result.citations:
@@ -149,17 +145,14 @@ def translate(
 
     if text == "-":
         text = sys.stdin.read()
-    try:
-        target = task.resolve_language(to)
-        source = task.resolve_language(from_) if from_ else None
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    target = task.resolve_language(to)
+    source = task.resolve_language(from_) if from_ else None
     if source is None:
         detected = task.detect_language(text)
         source = task.resolve_language(detected)
         print(f"source language: {source[1]} (detected)", file=sys.stderr)
     m, tok = _load(model, dtype)
-    params = _sampling(m, max_new_tokens, temperature, seed)
+    params = _sampling(task.TASK, m, max_new_tokens, temperature, seed)
     print(task.translate(m, tok, [text], target[0], params, source[0], batch_size)[0])
     return 0
 
@@ -192,7 +185,7 @@ def sentiment(
         dtype: the weights' dtype in memory.
     """
     from qwenkit.tasks import sentiment as task
-    from qwenkit.tasks.common import read_jsonl, write_jsonl
+    from qwenkit.tasks.jsonl import read_jsonl, write_jsonl
 
     if (text is None) == (input is None):
         raise UserError("give either a TEXT or --input FILE.jsonl")
@@ -201,13 +194,10 @@ def sentiment(
         raise UserError(f"--labels needs at least two distinct labels, got {labels!r}")
     rows = None
     if input is not None:
-        try:
-            rows = read_jsonl(input)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        rows = read_jsonl(input)
         bad = [n for n, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)]
         if bad:
-            raise UserError(f'{input}: row(s) {", ".join(map(str, bad[:5]))} have no "text" string')
+            raise DataError(f'row(s) {", ".join(map(str, bad[:5]))} have no "text" string', file=input)
     m, tok = _load(model, dtype)
     if rows is None:
         result = task.classify(m, tok, [text], names, calibrate=calibrate)[0]
@@ -215,8 +205,7 @@ def sentiment(
         for label, p in sorted(result.probabilities.items(), key=lambda kv: -kv[1]):
             print(f"  {label}: {p:.3f}")
         return 0
-    results = task.classify(m, tok, [r["text"] for r in rows], names, batch_size, calibrate, progress=True)
-    scored = [{**r, "prediction": s.label, "probabilities": s.probabilities} for r, s in zip(rows, results)]
+    scored = task.SentimentTask(tuple(names), calibrate).predict(m, tok, rows, batch_size)
     if output is None:
         for row in scored:
             print(json.dumps(row, ensure_ascii=False))
@@ -277,7 +266,7 @@ def code(
         if app.normalize_lang(lang) != "python":
             raise UserError(f"--test runs Python tests; --lang {lang} cannot be tested")
     m, tok = _load(model, dtype)
-    params = _sampling(m, max_new_tokens, temperature, seed)
+    params = _sampling(app.TASK, m, max_new_tokens, temperature, seed)
     result = app.generate_code(m, tok, task, params, lang, tests, entry_point, repair, timeout)
     for n, attempt in enumerate(result.attempts, 1):
         found = (
@@ -332,8 +321,9 @@ def eval_(
         output: the folder for predictions.jsonl and metrics.json (default: eval-TASK).
         batch_size: rows generated together.
         max_new_tokens: the longest generation (default: per task).
-        temperature: sampling temperature (default: greedy; write, and code with --samples, use the checkpoint's).
-        samples: completions per problem for code, for pass@k.
+        temperature: sampling temperature (default: greedy; write, and any task with --samples, use the
+            checkpoint's).
+        samples: replies per row (not for sentiment, which scores fixed labels); code scores pass@k over them.
         timeout: seconds each code program may run.
         seed: random seed for sampled generation.
         dtype: the weights' dtype in memory.
@@ -346,27 +336,26 @@ def eval_(
         raise UserError(f"--limit must be at least 1, got {limit}")
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     m = tok = None
     if model is not None:
         m, tok = _load(model, dtype)
-    try:
-        result = evaluate(
-            task,
-            data,
-            model=m,
-            tok=tok,
-            predictions=predictions,
-            limit=limit,
-            output=output,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            samples=samples,
-            timeout=timeout,
-            seed=seed,
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    result = evaluate(
+        task,
+        data,
+        model=m,
+        tok=tok,
+        predictions=predictions,
+        limit=limit,
+        output=output,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        samples=samples,
+        timeout=timeout,
+        seed=seed,
+    )
     print(json.dumps(result, indent=2, ensure_ascii=False))
     print(f"wrote predictions.jsonl and metrics.json to {output or f'eval-{task}'}", file=sys.stderr)
     return 0

@@ -1,9 +1,11 @@
 """`qwenkit eval`: generate with a model then score, or score predictions made elsewhere.
 
-Data are JSONL rows in each task's format (see the table in `qwenkit.tasks`); predictions are rows
-carrying a `prediction` field (for code, HumanEval's `completion` is read too): either the data rows
-themselves with the field added, or rows joined to the data by `task_id` (code), by `id`, or by
-line order. The output folder gets predictions.jsonl (every row, scored) and metrics.json.
+Generic over `tasks.base.Task`: what differs between tasks (their fields, how rows are named, their
+decoding defaults, how they predict and score) is asked of the task. Data are JSONL rows in the
+task's format (see the table in `qwenkit.tasks`); predictions are rows carrying a `prediction` field
+(or `completion`, as HumanEval's samples.jsonl): either the data rows themselves with the field
+added, or rows joined to the data by the task's key field (`Task.key`), or by line order. The
+output folder gets predictions.jsonl (every row, scored) and metrics.json.
 """
 
 from __future__ import annotations
@@ -13,65 +15,110 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qwenkit.tasks import TASKS, sample_data
-from qwenkit.tasks.common import read_jsonl, write_jsonl
+from qwenkit.errors import DataError, UserError
+from qwenkit.files import atomic_write
+from qwenkit.model import QwenForCausalLM
+from qwenkit.tasks import get_task, sample_data
+from qwenkit.tasks.base import CategoricalTask, Context, GenerativeTask, Task
+from qwenkit.tasks.jsonl import read_jsonl, write_jsonl
+from qwenkit.tokenizer import Tokenizer
 
 
-def _module(task: str):
-    import importlib
-
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return importlib.import_module(f"qwenkit.tasks.{task}")
+def has_fields(task: Task, row: dict) -> bool:
+    return all(f in row for f in task.required)
 
 
-def check_rows(task: str, rows: Sequence[dict], what: str) -> None:
-    """Every row has the task's fields, or a ValueError says which row lacks which."""
-    required = _module(task).REQUIRED
+def check_rows(task: Task, rows: Sequence[dict], file: str | Path) -> None:
+    """Every row has the task's fields, or a DataError says which row lacks which."""
     for n, row in enumerate(rows, 1):
-        missing = [f for f in required if f not in row]
+        missing = [f for f in task.required if f not in row]
         if missing:
-            raise ValueError(
-                f"{what}, row {n}: missing {', '.join(missing)} (a {task} row needs {', '.join(required)})"
-            )
+            needs = ", ".join(task.required)
+            raise DataError(f"row {n}: missing {', '.join(missing)} (a {task.name} row needs {needs})", file=file)
 
 
-def join_predictions(task: str, data: Sequence[dict], predictions: Sequence[dict]) -> list[dict]:
+def with_prediction(row: dict, n: int, file: str | Path | None = None) -> dict:
+    """A prediction row with its `prediction` field, read from HumanEval's `completion` if need be."""
+    if "prediction" not in row and "completion" in row:
+        row = {**row, "prediction": row["completion"]}
+    if "prediction" not in row:
+        raise DataError(f"row {n}: no `prediction` field", file=file)
+    return row
+
+
+def join_predictions(
+    task: Task | str, data: Sequence[dict], predictions: Sequence[dict], file: str | Path | None = None
+) -> list[dict]:
     """Data rows with their predictions: predictions that carry the task's fields stand alone; else
-    they are joined by task_id (code), by id, or by line order."""
-    required = _module(task).REQUIRED
-    preds = []
-    for n, p in enumerate(predictions, 1):
-        if "prediction" not in p and "completion" in p:
-            p = {**p, "prediction": p["completion"]}  # human-eval's samples.jsonl
-        if "prediction" not in p:
-            raise ValueError(f"predictions, row {n}: no `prediction` field")
-        preds.append(p)
-    if all(all(f in p for f in required) for p in preds):
+    they are joined by the task's key field (several predictions may name one row), or by line order.
+
+    Args:
+        task: the task, or its name.
+        data: the data rows.
+        predictions: rows with `prediction` (or `completion`).
+        file: where the predictions come from, for error messages.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    preds = [with_prediction(p, n, file) for n, p in enumerate(predictions, 1)]
+    if all(has_fields(task, p) for p in preds):
         return preds
-    if task == "code":
-        by_id = {row["task_id"]: row for row in data}
-        missing = [p.get("task_id") for p in preds if p.get("task_id") not in by_id]
+    key = task.key
+    if preds and all(key in p for p in preds) and all(key in row for row in data):
+        by_key = {row[key]: row for row in data}
+        missing = [p[key] for p in preds if p[key] not in by_key]
         if missing:
-            raise ValueError(f"predictions for unknown task_id(s): {', '.join(map(str, missing[:5]))}")
-        return [{**by_id[p["task_id"]], **p} for p in preds]
-    if preds and all("id" in p for p in preds) and all("id" in row for row in data):
-        by_id = {row["id"]: row for row in data}
-        missing = [p["id"] for p in preds if p["id"] not in by_id]
-        if missing:
-            raise ValueError(f"predictions for unknown id(s): {', '.join(map(str, missing[:5]))}")
-        return [{**by_id[p["id"]], **p} for p in preds]
+            raise DataError(f"predictions for unknown {key}(s): {', '.join(map(str, missing[:5]))}", file=file)
+        return [{**by_key[p[key]], **p} for p in preds]
     if len(preds) != len(data):
-        raise ValueError(f"{len(preds)} predictions for {len(data)} data rows, and no ids to join them by")
+        raise DataError(f"{len(preds)} predictions for {len(data)} data rows, and no {key} to join them by", file=file)
     return [{**row, **p} for row, p in zip(data, preds)]
 
 
+def limit_predictions(task: Task, rows: Sequence[dict], preds: Sequence[dict], limit: int | None) -> list[dict]:
+    """The predictions of the first `limit` rows: those whose key names one of `rows` (the data's
+    first rows, or with no data the first `limit` keys the predictions name), else the first `limit`."""
+    if limit is None:
+        return list(preds)
+    key = task.key
+    if not all(key in p for p in preds):
+        return list(preds[:limit])
+    if rows and all(key in r for r in rows):
+        keep = {r[key] for r in rows}
+    else:
+        keep = set(list(dict.fromkeys(p[key] for p in preds))[:limit])
+    return [p for p in preds if p[key] in keep]
+
+
+def generate_predictions(
+    task: Task,
+    model: QwenForCausalLM,
+    tok: Tokenizer,
+    rows: Sequence[dict],
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    temperature: float | None,
+    samples: int,
+    seed: int | None,
+) -> list[dict]:
+    """The task's predictions for rows: a categorical task scores its answers; a generative one
+    decodes `samples` replies per row, with its own decoding defaults unless the caller's are given."""
+    if isinstance(task, CategoricalTask):
+        if samples != 1:
+            raise UserError(f"--samples: {task.name} scores fixed answers, so it has one prediction per row")
+        return task.predict(model, tok, rows, batch_size)
+    if not isinstance(task, GenerativeTask):
+        raise TypeError(f"task {task.name!r} is neither a GenerativeTask nor a CategoricalTask")
+    params = task.sampling(model, max_new_tokens, temperature, seed, samples)
+    return task.predict(model, tok, [row for row in rows for _ in range(samples)], params, batch_size)
+
+
 def evaluate(
-    task: str,
+    task: str | Task,
     data: str | Path | None = None,
     *,
-    model=None,
-    tok=None,
+    model: QwenForCausalLM | None = None,
+    tok: Tokenizer | None = None,
     predictions: str | Path | None = None,
     limit: int | None = None,
     output: str | Path | None = None,
@@ -85,80 +132,69 @@ def evaluate(
     """Score a task, from predictions or by generating them; write predictions.jsonl and metrics.json.
 
     Args:
-        task: sentiment, qa, translate, code or write.
+        task: a task of `qwenkit.tasks.TASKS`, or its name.
         data: the JSONL data (default: the task's sample file shipped with qwenkit).
         model: a loaded model, to generate predictions; with `predictions` too, it only scores (the
-            references' perplexity, for write).
+            metrics that need the model, as write's reference perplexity).
         tok: its tokenizer.
         predictions: a JSONL file of rows with `prediction` (or HumanEval's `completion`); no model
             is needed.
-        limit: use the first N data rows only.
+        limit: use the first N data rows only (with several predictions per row, all of theirs).
         output: the folder to write (default: eval-TASK).
         batch_size: rows generated together.
-        max_new_tokens: the longest generation (default: per task).
-        temperature: sampling temperature (default: greedy, or the checkpoint's for write and for code
-            with several samples).
-        samples: completions per problem, for code's pass@k.
-        timeout: seconds per program, for code.
+        max_new_tokens: the longest generation (default: the task's).
+        temperature: sampling temperature (default: the task's: greedy, or the checkpoint's sampling
+            for tasks that sample and with several samples).
+        samples: replies per row, for a generative task (pass@k, for code).
+        timeout: seconds per program, for tasks that run their predictions.
         seed: random seed for sampled generation.
     """
-    from qwenkit.tasks import common
-
-    module = _module(task)
-    data_path = Path(data) if data is not None else sample_data(task)
+    task = get_task(task) if isinstance(task, str) else task
+    data_path = Path(data) if data is not None else sample_data(task.name)
     preds = None
     if predictions is not None:
-        preds = [
-            {**p, "prediction": p["completion"]} if "prediction" not in p and "completion" in p else p
-            for p in read_jsonl(predictions)
-        ]
-        if not preds:
-            raise ValueError(f"{predictions}: no predictions in the file")
+        lines = read_jsonl(predictions)
+        if not lines:
+            raise DataError("no predictions in the file", file=predictions)
+        preds = [with_prediction(p, n, predictions) for n, p in enumerate(lines, 1)]
     # Predictions that carry the task's fields are scored as they are; only then is --data not needed.
-    standalone = preds is not None and all(all(f in p for f in module.REQUIRED) for p in preds)
+    standalone = preds is not None and all(has_fields(task, p) for p in preds)
     all_rows = [] if standalone and data is None else read_jsonl(data_path)
     if not standalone and not all_rows:
-        raise ValueError(f"{data_path}: no rows in the data file")
+        raise DataError("no rows in the data file", file=data_path)
+    if not standalone:
+        task = task.for_data(all_rows)
     rows = all_rows[:limit]
-    extra = {}
-    if task == "sentiment" and not standalone and all("label" in r for r in all_rows):
-        # the whole file's labels, so that a --limit slice is classified and scored among the same ones
-        extra["labels"] = module.dataset_labels(all_rows)
     started = time.time()
     if preds is not None:
-        if limit is not None and task == "code" and not standalone:
-            keep = {r["task_id"] for r in rows}
-            preds = [p for p in preds if p.get("task_id") in keep]
-        elif limit is not None and task == "code":
-            keep = list(dict.fromkeys(p.get("task_id") for p in preds))[:limit]
-            preds = [p for p in preds if p.get("task_id") in keep]
-        elif limit is not None:
-            preds = preds[:limit]
-        records = join_predictions(task, rows, preds)
-        check_rows(task, records, str(predictions))
-    elif model is not None:
-        check_rows(task, rows, str(data_path))
-        defaults = {"write": 256, "code": 512, "translate": 256, "qa": 64, "sentiment": 1}
-        sampled = task == "write" or (task == "code" and samples > 1)
-        params = common.sampling(model, max_new_tokens or defaults[task], temperature, seed, greedy=not sampled)
-        if task == "code":
-            records = module.predict(model, tok, rows, params, batch_size, samples=samples)
-        elif task == "sentiment":
-            records = module.predict(model, tok, rows, batch_size, **extra)
-        else:
-            records = module.predict(model, tok, rows, params, batch_size)
+        # Standalone predictions are limited by their own keys, joined ones by the data's first rows.
+        kept = limit_predictions(task, [] if standalone else rows, preds, limit)
+        records = join_predictions(task, rows, kept, predictions)
+        check_rows(task, records, predictions)
+    elif model is not None and tok is not None:
+        check_rows(task, rows, data_path)
+        records = generate_predictions(
+            task,
+            model,
+            tok,
+            rows,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            samples=samples,
+            seed=seed,
+        )
     else:
-        raise ValueError("give --model to generate predictions, or --predictions FILE to score existing ones")
-    scores, scored = module.score(records, model=model, tok=tok, timeout=timeout, **extra)
-    out = Path(output) if output is not None else Path(f"eval-{task}")
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError("give --model to generate predictions, or --predictions FILE to score existing ones")
+    scores, scored = task.score(records, Context(model, tok, batch_size, timeout))
+    out = Path(output) if output is not None else Path(f"eval-{task.name}")
     write_jsonl(out / "predictions.jsonl", scored)
     result = {
-        "task": task,
+        "task": task.name,
         "data": None if standalone and data is None else str(data_path),
         "predictions": str(predictions) if predictions else None,
         **scores,
         "seconds": round(time.time() - started, 2),
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write(out / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result

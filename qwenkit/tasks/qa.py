@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwenkit.errors import UserError
 from qwenkit.generate import SamplingParams
 from qwenkit.model import QwenForCausalLM
 from qwenkit.tasks import metrics
-from qwenkit.tasks.common import Messages, chat, defuse
+from qwenkit.tasks.base import Context, GenerativeTask, Messages, chat
+from qwenkit.tasks.hygiene import strip_special_tokens
 from qwenkit.tokenizer import Tokenizer
 
 SYSTEM_CLOSED = (
@@ -65,13 +67,13 @@ def load_documents(items: Sequence[str]) -> list[tuple[str, str]]:
         if is_dir:
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES)
             if not files:
-                raise ValueError(f"{item}: no text files (.txt, .md, .rst) in this folder")
+                raise UserError(f"{item}: no text files (.txt, .md, .rst) in this folder")
             docs += [(str(p), p.read_text(encoding="utf-8", errors="replace")) for p in files]
         elif is_file:
             docs.append((str(path), path.read_text(encoding="utf-8", errors="replace")))
         elif re.fullmatch(r"[\w./\\~-]*(/|\\|\.[A-Za-z]\w{0,4})", item.strip()):
             # It reads as a file or folder name, not as a passage: a typo should not become the context.
-            raise ValueError(f"{item}: no such file or folder")
+            raise UserError(f"{item}: no such file or folder")
         else:
             docs.append(("context", item))
     return docs
@@ -176,7 +178,7 @@ def prepare(tok: Tokenizer, question: str, context: Sequence[str] | str | None, 
     if not context:
         return []
     docs = [("context", context)] if isinstance(context, str) else load_documents(context)
-    passages = [p for source, text in docs for p in split_passages(source, defuse(tok, text))]
+    passages = [p for source, text in docs for p in split_passages(source, strip_special_tokens(tok, text))]
     if len(passages) <= top_k:
         return [Passage(p.source, p.text, n) for n, p in enumerate(passages, 1)]
     return retrieve(question, passages, top_k)
@@ -210,7 +212,7 @@ def answer(
     done = chat(
         model,
         tok,
-        [build_messages(defuse(tok, q), p) for q, p in zip(questions, shown)],
+        [build_messages(strip_special_tokens(tok, q), p) for q, p in zip(questions, shown)],
         params,
         batch_size,
         desc="answering" if progress else None,
@@ -224,31 +226,31 @@ def answer(
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
-REQUIRED = ("question", "answers")
+
+class QATask(GenerativeTask):
+    """Rows hold a `question`, its gold `answers` and optionally a `context` passage."""
+
+    name = "qa"
+    required = ("question", "answers")
+    max_new_tokens = 64  # a short answer, and its sources
+
+    def build_messages(self, tok: Tokenizer, row: dict) -> Messages:
+        question = row["question"]
+        return build_messages(strip_special_tokens(tok, question), prepare(tok, question, row.get("context")))
+
+    def parse(self, reply: str, row: dict) -> dict:
+        """The short answer as the prediction, and the whole reply."""
+        return {"prediction": parse_reply(reply)[0], "reply": reply}
+
+    def score(self, records: Sequence[dict], ctx: Context) -> tuple[dict, list[dict]]:
+        """SQuAD exact match and F1, overall and per row."""
+        answers = [[r["answers"]] if isinstance(r["answers"], str) else list(r["answers"]) for r in records]
+        preds = [str(r["prediction"] or "") for r in records]
+        out = [
+            {**r, "exact_match": metrics.exact_match(p, a), "f1": metrics.token_f1(p, a)}
+            for r, p, a in zip(records, preds, answers)
+        ]
+        return metrics.squad(preds, answers), out
 
 
-def predict(
-    model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams, batch_size: int = 8
-) -> list[dict]:
-    """Each row with its `prediction` (the short answer) and the model's `reply`."""
-    results = answer(
-        model,
-        tok,
-        [r["question"] for r in rows],
-        params,
-        [r.get("context") for r in rows],
-        batch_size=batch_size,
-        progress=True,
-    )
-    return [{**row, "prediction": res.answer, "reply": res.reply} for row, res in zip(rows, results)]
-
-
-def score(records: Sequence[dict], **_) -> tuple[dict, list[dict]]:
-    """SQuAD exact match and F1, overall and per row."""
-    answers = [[r["answers"]] if isinstance(r["answers"], str) else list(r["answers"]) for r in records]
-    preds = [str(r["prediction"] or "") for r in records]
-    out = [
-        {**r, "exact_match": metrics.exact_match(p, a), "f1": metrics.token_f1(p, a)}
-        for r, p, a in zip(records, preds, answers)
-    ]
-    return metrics.squad(preds, answers), out
+TASK = QATask()

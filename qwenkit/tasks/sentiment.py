@@ -13,13 +13,19 @@ Evaluation: accuracy, macro-F1 and the confusion matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
+from qwenkit.errors import UserError
 from qwenkit.model import QwenForCausalLM
 from qwenkit.tasks import metrics
-from qwenkit.tasks.common import Messages, answer_ids, continuation_logprobs, defuse
+from qwenkit.tasks.base import CategoricalTask, Context, Messages
+from qwenkit.tasks.hygiene import strip_special_tokens
+from qwenkit.tasks.scoring import answer_ids, continuation_logprobs
 from qwenkit.tokenizer import Tokenizer
 
 DEFAULT_LABELS = ("positive", "negative", "neutral")
@@ -67,14 +73,12 @@ def label_logprobs(
         batch_size: texts scored together (each adds one row per label to the batch).
         progress: show a progress bar.
     """
-    from tqdm import tqdm
-
     out = []
     with tqdm(total=len(texts), desc="classifying", unit="text", disable=not progress or not texts) as bar:
         for start in range(0, len(texts), batch_size):
             prefixes, continuations = [], []
             for text in texts[start : start + batch_size]:
-                messages = build_messages(defuse(tok, text), labels)
+                messages = build_messages(strip_special_tokens(tok, text), labels)
                 for label in labels:
                     p, c = answer_ids(tok, messages, label)
                     prefixes.append(p)
@@ -109,7 +113,7 @@ def classify(
     """
     labels = [label.strip() for label in labels]
     if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
-        raise ValueError(f"need at least two distinct, non-empty labels, got {labels}")
+        raise UserError(f"need at least two distinct, non-empty labels, got {labels}")
     scores = label_logprobs(model, tok, texts, labels, batch_size, progress)
     prior = label_logprobs(model, tok, [CONTENT_FREE], labels)[0] if calibrate else [0.0] * len(labels)
     results = []
@@ -122,8 +126,6 @@ def classify(
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
-REQUIRED = ("text", "label")
-
 
 def dataset_labels(rows: Sequence[dict]) -> list[str]:
     """The labels of a data set: the default ones first, in their order, then any others sorted. A
@@ -135,32 +137,50 @@ def dataset_labels(rows: Sequence[dict]) -> list[str]:
     return [label for label in DEFAULT_LABELS if label in seen] + sorted(seen - set(DEFAULT_LABELS))
 
 
-def predict(
-    model: QwenForCausalLM,
-    tok: Tokenizer,
-    rows: Sequence[dict],
-    batch_size: int = 8,
-    calibrate: bool = False,
-    labels: Sequence[str] | None = None,
-    **_,
-) -> list[dict]:
-    """Each row with its predicted label and the labels' probabilities (labels: default, the data's)."""
-    labels = list(labels) if labels is not None else dataset_labels(rows)
-    results = classify(model, tok, [r["text"] for r in rows], labels, batch_size, calibrate, progress=True)
-    return [{**row, "prediction": s.label, "probabilities": s.probabilities} for row, s in zip(rows, results)]
+@dataclass(frozen=True)
+class SentimentTask(CategoricalTask):
+    """Rows hold a `text` and its gold `label`.
+
+    Args:
+        labels: the candidate labels (default: those of the rows at hand; `for_data` sets them to
+            a whole file's, so that a --limit slice is classified and scored among the same ones).
+        calibrate: contextual calibration, as `classify`.
+    """
+
+    labels: tuple[str, ...] | None = None
+    calibrate: bool = False
+
+    name = "sentiment"
+    required = ("text", "label")
+
+    def for_data(self, rows: Sequence[dict]) -> SentimentTask:
+        if self.labels is None and rows and all("label" in r for r in rows):
+            return dataclasses.replace(self, labels=tuple(dataset_labels(rows)))
+        return self
+
+    def build_messages(self, tok: Tokenizer, row: dict) -> Messages:
+        return build_messages(strip_special_tokens(tok, row["text"]), self.labels or DEFAULT_LABELS)
+
+    def predict(self, model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], batch_size: int = 8) -> list[dict]:
+        """Each row with its predicted label and the labels' probabilities."""
+        labels = list(self.labels) if self.labels is not None else dataset_labels(rows)
+        results = classify(model, tok, [r["text"] for r in rows], labels, batch_size, self.calibrate, progress=True)
+        return [{**row, "prediction": s.label, "probabilities": s.probabilities} for row, s in zip(rows, results)]
+
+    def score(self, records: Sequence[dict], ctx: Context) -> tuple[dict, list[dict]]:
+        """Accuracy, macro-F1 over the labels, per-label F1 and the confusion matrix (gold rows,
+        predicted columns)."""
+        gold = [str(r["label"]).strip().lower() for r in records]
+        pred = [str(r["prediction"] or "").strip().lower() for r in records]
+        labels = list(self.labels) if self.labels is not None else dataset_labels(records)
+        out = [{**r, "correct": g == p} for r, g, p in zip(records, gold, pred)]
+        return {
+            "accuracy": metrics.accuracy(gold, pred),
+            "macro_f1": metrics.macro_f1(gold, pred, labels),
+            "f1": metrics.per_label_f1(gold, pred, labels),
+            "confusion_matrix": metrics.confusion_matrix(gold, pred, labels),
+            "count": len(records),
+        }, out
 
 
-def score(records: Sequence[dict], labels: Sequence[str] | None = None, **_) -> tuple[dict, list[dict]]:
-    """Accuracy, macro-F1 over the labels, per-label F1 and the confusion matrix (gold rows,
-    predicted columns); labels default to the records' own."""
-    gold = [str(r["label"]).strip().lower() for r in records]
-    pred = [str(r["prediction"] or "").strip().lower() for r in records]
-    labels = list(labels) if labels is not None else dataset_labels(records)
-    out = [{**r, "correct": g == p} for r, g, p in zip(records, gold, pred)]
-    return {
-        "accuracy": metrics.accuracy(gold, pred),
-        "macro_f1": metrics.macro_f1(gold, pred, labels),
-        "f1": metrics.per_label_f1(gold, pred, labels),
-        "confusion_matrix": metrics.confusion_matrix(gold, pred, labels),
-        "count": len(records),
-    }, out
+TASK = SentimentTask()

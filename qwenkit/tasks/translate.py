@@ -18,10 +18,12 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+from qwenkit.errors import UserError
 from qwenkit.generate import SamplingParams
 from qwenkit.model import QwenForCausalLM
 from qwenkit.tasks import metrics
-from qwenkit.tasks.common import Messages, chat, defuse, strip_preamble
+from qwenkit.tasks.base import Context, GenerativeTask, Messages, chat
+from qwenkit.tasks.hygiene import strip_preamble, strip_special_tokens
 from qwenkit.tokenizer import Tokenizer
 
 # code: (English name, other names and codes people use: ISO 639-2/3, native names)
@@ -113,7 +115,7 @@ NO_SPACE = {"zh", "zh-Hant", "ja", "th"}
 
 def resolve_language(name: str) -> tuple[str, str]:
     """(code, English name) of a language as people write it: a code ("fr", "fra", "pt-BR", "zh_TW"),
-    an English name, or the language's own name. Raises ValueError with suggestions otherwise."""
+    an English name, or the language's own name. Raises UserError with suggestions otherwise."""
     key = " ".join(name.strip().lower().replace("_", "-").split())
     if key in REGIONAL:
         return REGIONAL[key]
@@ -127,7 +129,7 @@ def resolve_language(name: str) -> tuple[str, str]:
         if close
         else "; use a code like fr or a name like French"
     )
-    raise ValueError(f"unknown language {name!r}{hint}")
+    raise UserError(f"unknown language {name!r}{hint}")
 
 
 # ---- source-language detection ------------------------------------------------------------------------
@@ -426,7 +428,7 @@ def translate(
         src_name = resolve_language(src)[1]
         for li, sentences in enumerate(lines):
             for si, sentence in enumerate(sentences):
-                jobs.append((t, li, si, defuse(tok, sentence), src_name))
+                jobs.append((t, li, si, strip_special_tokens(tok, sentence), src_name))
     # A sentence's translation needs a few times its own tokens, plus room for a lead-in that
     # clean_translation removes; past that a small model only rambles, and each token costs a step.
     longest = max((len(tok.encode(j[3])) for j in jobs), default=0)
@@ -448,31 +450,6 @@ def translate(
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
-REQUIRED = ("source", "reference", "tgt_lang")
-
-
-def predict(
-    model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams, batch_size: int = 8
-) -> list[dict]:
-    """Each row with its `prediction`; rows are grouped by target language and translated in batches."""
-    predictions: dict[int, str] = {}
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row["tgt_lang"], []).append(i)
-    for tgt, idx in groups.items():
-        texts = translate(
-            model,
-            tok,
-            [rows[i]["source"] for i in idx],
-            tgt,
-            params,
-            [rows[i].get("src_lang") for i in idx],
-            batch_size,
-            progress=True,
-        )
-        predictions.update(zip(idx, texts))
-    return [{**row, "prediction": predictions[i]} for i, row in enumerate(rows)]
-
 
 def bleu_tokenizer(target: str) -> str:
     """sacreBLEU's recommended tokenizer for a target language: "zh" for Chinese, "char" where words
@@ -482,26 +459,70 @@ def bleu_tokenizer(target: str) -> str:
     return "zh" if code.startswith("zh") else "char" if code in ("ja", "ko", "th") else "13a"
 
 
-def score(records: Sequence[dict], **_) -> tuple[dict, list[dict]]:
-    """Corpus BLEU and chrF per language pair and over all rows, with sacreBLEU's signatures."""
-    pairs: dict[str, list[dict]] = {}
-    for r in records:
-        src = resolve_language(r["src_lang"])[0] if r.get("src_lang") else detect_language(r["source"])
-        pairs.setdefault(f"{src}-{resolve_language(r['tgt_lang'])[0]}", []).append(r)
+class TranslateTask(GenerativeTask):
+    """Rows hold a `source` text, its `reference` translation, the `tgt_lang` and optionally the
+    `src_lang` (detected when absent)."""
 
-    def corpus(rows: Sequence[dict], tokenize: str) -> dict:
-        hyps = [str(r["prediction"] or "") for r in rows]
-        refs = [r["reference"] for r in rows]
-        b, c = metrics.bleu(hyps, refs, tokenize), metrics.chrf(hyps, refs)
-        return {
-            "bleu": b["score"],
-            "chrf": c["score"],
-            "bleu_signature": b["signature"],
-            "chrf_signature": c["signature"],
-            "count": len(rows),
-        }
+    name = "translate"
+    required = ("source", "reference", "tgt_lang")
+    max_new_tokens = 256  # per sentence; `translate` also caps it at a few times the sentence's tokens
 
-    per_pair = {name: corpus(rows, bleu_tokenizer(rows[0]["tgt_lang"])) for name, rows in sorted(pairs.items())}
-    tokenizers = {bleu_tokenizer(r["tgt_lang"]) for r in records}
-    overall = corpus(records, tokenizers.pop() if len(tokenizers) == 1 else "13a")
-    return {**overall, "pairs": per_pair}, list(records)
+    def build_messages(self, tok: Tokenizer, row: dict) -> Messages:
+        """The chat for a row's source as one segment; `predict` sends long sources sentence by
+        sentence, each in this same chat."""
+        source = row.get("src_lang") or detect_language(row["source"])
+        target = resolve_language(row["tgt_lang"])[1]
+        return build_messages(strip_special_tokens(tok, row["source"]), target, resolve_language(source)[1])
+
+    def parse(self, reply: str, row: dict) -> dict:
+        return {"prediction": clean_translation(reply, row["source"])}
+
+    def predict(
+        self, model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams, batch_size: int = 8
+    ) -> list[dict]:
+        """Each row with its `prediction`; rows are grouped by target language and their sentences
+        translated in batches."""
+        predictions: dict[int, str] = {}
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row["tgt_lang"], []).append(i)
+        for tgt, idx in groups.items():
+            texts = translate(
+                model,
+                tok,
+                [rows[i]["source"] for i in idx],
+                tgt,
+                params,
+                [rows[i].get("src_lang") for i in idx],
+                batch_size,
+                progress=True,
+            )
+            predictions.update(zip(idx, texts))
+        return [{**row, "prediction": predictions[i]} for i, row in enumerate(rows)]
+
+    def score(self, records: Sequence[dict], ctx: Context) -> tuple[dict, list[dict]]:
+        """Corpus BLEU and chrF per language pair and over all rows, with sacreBLEU's signatures."""
+        pairs: dict[str, list[dict]] = {}
+        for r in records:
+            src = resolve_language(r["src_lang"])[0] if r.get("src_lang") else detect_language(r["source"])
+            pairs.setdefault(f"{src}-{resolve_language(r['tgt_lang'])[0]}", []).append(r)
+
+        def corpus(rows: Sequence[dict], tokenize: str) -> dict:
+            hyps = [str(r["prediction"] or "") for r in rows]
+            refs = [r["reference"] for r in rows]
+            b, c = metrics.bleu(hyps, refs, tokenize), metrics.chrf(hyps, refs)
+            return {
+                "bleu": b["score"],
+                "chrf": c["score"],
+                "bleu_signature": b["signature"],
+                "chrf_signature": c["signature"],
+                "count": len(rows),
+            }
+
+        per_pair = {name: corpus(rows, bleu_tokenizer(rows[0]["tgt_lang"])) for name, rows in sorted(pairs.items())}
+        tokenizers = {bleu_tokenizer(r["tgt_lang"]) for r in records}
+        overall = corpus(records, tokenizers.pop() if len(tokenizers) == 1 else "13a")
+        return {**overall, "pairs": per_pair}, list(records)
+
+
+TASK = TranslateTask()

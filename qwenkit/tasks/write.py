@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from qwenkit.errors import UserError
 from qwenkit.generate import SamplingParams
 from qwenkit.model import QwenForCausalLM
 from qwenkit.tasks import metrics
-from qwenkit.tasks.common import Messages, answer_ids, chat, continuation_logprobs, strip_preamble
+from qwenkit.tasks.base import Context, GenerativeTask, Messages, chat
+from qwenkit.tasks.hygiene import strip_preamble
+from qwenkit.tasks.scoring import answer_ids, continuation_logprobs
 from qwenkit.tokenizer import Tokenizer
 
 STYLES = {
@@ -32,7 +35,7 @@ STYLES = {
 def build_messages(prompt: str, style: str = "continue") -> Messages:
     """The chat for one writing request."""
     if style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
+        raise UserError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
     return [{"role": "system", "content": STYLES[style]}, {"role": "user", "content": prompt}]
 
 
@@ -111,55 +114,48 @@ def reference_nll(
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
-REQUIRED = ("prompt",)
+
+class WriteTask(GenerativeTask):
+    """Rows hold a `prompt`, optionally its `style` and a `reference` text. Sampled by default:
+    greedy decoding of open-ended text repeats itself."""
+
+    name = "write"
+    required = ("prompt",)
+    max_new_tokens = 256
+    sampled = True
+
+    def build_messages(self, tok: Tokenizer, row: dict) -> Messages:
+        return build_messages(row["prompt"], row.get("style", "continue"))
+
+    def parse(self, reply: str, row: dict) -> dict:
+        return {"prediction": clean(reply, row["prompt"], row.get("style", "continue"))}
+
+    def score(self, records: Sequence[dict], ctx: Context) -> tuple[dict, list[dict]]:
+        """distinct-1/2 of the predictions and, given the model, the perplexity of the references."""
+        texts = [r["prediction"] for r in records]
+        result: dict = {
+            "distinct_1": metrics.distinct_n(texts, 1),
+            "distinct_2": metrics.distinct_n(texts, 2),
+            "count": len(records),
+        }
+        with_ref = [r for r in records if r.get("reference")]
+        if with_ref and ctx.model is not None and ctx.tok is not None:
+            nll, counts = reference_nll(
+                ctx.model,
+                ctx.tok,
+                [r["prompt"] for r in with_ref],
+                [r["reference"] for r in with_ref],
+                [r.get("style", "continue") for r in with_ref],
+                ctx.batch_size,
+            )
+            result["perplexity"] = metrics.perplexity(nll, counts)
+            result["reference_tokens"] = sum(counts)
+            for r, n, c in zip(with_ref, nll, counts):
+                r["reference_nll"], r["reference_tokens"] = n, c
+        elif with_ref:
+            result["perplexity"] = None
+            result["note"] = "the perplexity of the references needs the model: pass --model"
+        return result, list(records)
 
 
-def predict(
-    model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], params: SamplingParams, batch_size: int = 8
-) -> list[dict]:
-    """Each row with its `prediction`: the piece written for its `prompt` (in its `style`, if any)."""
-    out = []
-    by_style: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_style.setdefault(row.get("style", "continue"), []).append(i)
-    predictions: dict[int, str] = {}
-    for style, idx in by_style.items():
-        texts = write(model, tok, [rows[i]["prompt"] for i in idx], params, style, batch_size, progress=True)
-        predictions.update(zip(idx, texts))
-    for i, row in enumerate(rows):
-        out.append({**row, "prediction": predictions[i]})
-    return out
-
-
-def score(
-    records: Sequence[dict],
-    model: QwenForCausalLM | None = None,
-    tok: Tokenizer | None = None,
-    batch_size: int = 4,
-    **_,
-) -> tuple[dict, list[dict]]:
-    """distinct-1/2 of the predictions and, given the model, the perplexity of the references."""
-    texts = [r["prediction"] for r in records]
-    result: dict = {
-        "distinct_1": metrics.distinct_n(texts, 1),
-        "distinct_2": metrics.distinct_n(texts, 2),
-        "count": len(records),
-    }
-    with_ref = [r for r in records if r.get("reference")]
-    if with_ref and model is not None and tok is not None:
-        nll, counts = reference_nll(
-            model,
-            tok,
-            [r["prompt"] for r in with_ref],
-            [r["reference"] for r in with_ref],
-            [r.get("style", "continue") for r in with_ref],
-            batch_size,
-        )
-        result["perplexity"] = metrics.perplexity(nll, counts)
-        result["reference_tokens"] = sum(counts)
-        for r, n, c in zip(with_ref, nll, counts):
-            r["reference_nll"], r["reference_tokens"] = n, c
-    elif with_ref:
-        result["perplexity"] = None
-        result["note"] = "the perplexity of the references needs the model: pass --model"
-    return result, list(records)
+TASK = WriteTask()
