@@ -97,11 +97,11 @@ def worker(lib: str, mode: str, folder: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             return loss.item()
     else:
-        from qwenkit.model import load_model
+        from qwenkit.finetune.config import FinetuneConfig
         from qwenkit.finetune.loss import CausalLMLoss
-        from qwenkit.finetune.recipe import FinetuneConfig
         from qwenkit.finetune.strategy import build_optimizer, param_groups, trainable_names
         from qwenkit.lora import apply_lora
+        from qwenkit.model import load_model
 
         model = load_model(folder, dtype=dtype, device=device)
         if mode == "lora":

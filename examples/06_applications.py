@@ -8,15 +8,15 @@ Run: python examples/06_applications.py [--model DIR]
 import argparse
 
 import qwenkit
+from qwenkit.generate import SamplingParams
 from qwenkit.hub import resolve_model
 from qwenkit.tasks import code, qa, sentiment, translate, write
-from qwenkit.tasks.common import sampling
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="default")
 folder = resolve_model(parser.parse_args().model)
 model, tok = qwenkit.load_model(folder), qwenkit.load_tokenizer(folder)
-params = sampling(model, max_new_tokens=64)  # greedy, the checkpoint's other defaults
+params = SamplingParams.from_model(model, max_new_tokens=64, do_sample=False)  # greedy, the checkpoint's other defaults
 
 print("write:    ", write.write(model, tok, ["Once upon a time"], params)[0])
 print("qa:       ", qa.answer(model, tok, ["What is the capital of France?"], params)[0].answer)

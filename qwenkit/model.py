@@ -331,9 +331,14 @@ def load_model(
     return model.eval()
 
 
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels aligned with the inputs -> (B, T) targets: position t predicts token t + 1."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean next-token cross-entropy over the labels that are not -100; computed in fp32."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position t predicts t+1
+    targets = shift_labels(labels)  # (B, T)
     return F.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
     )

@@ -18,10 +18,9 @@ split across micro-batches and processes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qwenkit.model import IGNORE_INDEX
+from qwenkit.model import IGNORE_INDEX, shift_labels
 
 # Rows of logits per chunk where the head trains: 512 x 152k fp32 is ~311 MB, small next to a 7B
 # model's activations, and large enough that each chunk is one efficient matrix product.
@@ -212,11 +211,6 @@ def fused_linear_cross_entropy(
     )
 
 
-def shift_targets(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels aligned with the inputs -> (B, T) targets: position t predicts token t + 1."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
 class CausalLMLoss(nn.Module):
     """The model plus the loss, as one module: the unit that FSDP shards at its root and that the
     trainer calls. Returns (sum of token losses, number of target tokens).
@@ -235,7 +229,7 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.model.hidden_states(input_ids, attention_mask, position_ids)  # (B, T, C)
-        targets = shift_targets(labels)  # (B, T)
+        targets = shift_labels(labels)  # (B, T)
         keep = targets != IGNORE_INDEX  # (B, T)
         h, weight = h[keep], self.model.output_weight()  # (N, C), (V, C)
         device_type = h.device.type

@@ -43,7 +43,7 @@ from qwenkit.finetune.distributed import (
     shard,
     shutdown,
 )
-from qwenkit.finetune.loss import CausalLMLoss, shift_targets
+from qwenkit.finetune.loss import CausalLMLoss
 from qwenkit.finetune.plot import plot_losses, read_metrics
 from qwenkit.finetune.strategy import (
     build_optimizer,
@@ -56,7 +56,7 @@ from qwenkit.finetune.strategy import (
     unfrozen_groups,
 )
 from qwenkit.lora import apply_lora, initial_lora_weights, save_adapter
-from qwenkit.model import IGNORE_INDEX, QwenForCausalLM
+from qwenkit.model import IGNORE_INDEX, QwenForCausalLM, shift_labels
 from qwenkit.tokenizer import load_tokenizer
 
 METRICS = "metrics.jsonl"
@@ -364,7 +364,7 @@ class Trainer:
         micro = [self._to_device(b) for b in self.batches.micro_batches(self.step)]
         counts = torch.tensor(
             [
-                float(sum((shift_targets(b["labels"]) != IGNORE_INDEX).sum() for b in micro)),
+                float(sum((shift_labels(b["labels"]) != IGNORE_INDEX).sum() for b in micro)),
                 float(sum(b["attention_mask"].sum() for b in micro)),
             ],
             dtype=torch.float64,
