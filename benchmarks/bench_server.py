@@ -57,7 +57,7 @@ def free_port() -> int:
 
 def start_server(model: Path, port: int, max_batch: int, max_queue: int, max_model_len: int) -> subprocess.Popen:
     code = (
-        "from qwenkit.server.commands import serve; "
+        "from qwenkit.cli.serve import serve; "
         f"serve(model={str(model)!r}, port={port}, api_key={KEY!r}, max_batch={max_batch}, "
         f"max_queue={max_queue}, max_model_len={max_model_len})"
     )

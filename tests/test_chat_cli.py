@@ -10,8 +10,8 @@ import pytest
 from reference import random_model, tiny_config
 
 from qwenkit.cli import main
+from qwenkit.cli.repl import ChatSession, ContextFull, run
 from qwenkit.generate import SamplingParams
-from qwenkit.repl import ChatSession, ContextFull, run
 
 PARAMS = SamplingParams(max_new_tokens=6, eos_token_id=(151645, 151643), pad_token_id=151643)
 

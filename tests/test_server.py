@@ -658,7 +658,7 @@ def test_serve_command_binds_loopback_and_serves(random_dir):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     code = (
-        "from qwenkit.server.commands import serve; "
+        "from qwenkit.cli.serve import serve; "
         f"serve(model={str(random_dir)!r}, port={port}, api_key='k', max_model_len=64, max_batch=2)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

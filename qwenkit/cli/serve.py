@@ -1,14 +1,13 @@
-"""`qwenkit serve`: the OpenAI-compatible server as a CLI command (registered in qwenkit/cli.py).
+"""`qwenkit serve`: the OpenAI-compatible server (qwenkit.server) as a command.
 
-Written like the commands in cli.py: a typed function whose docstring is its --help. FastAPI,
-uvicorn and torch are imported inside, so `qwenkit --help` stays fast.
+FastAPI, uvicorn and torch are imported inside, so that `qwenkit --help` stays fast.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
 
+from qwenkit.cli.common import Dtype, load_from_flags
 from qwenkit.errors import UserError
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -25,7 +24,7 @@ def serve(
     max_model_len: int | None = None,
     served_model_name: str | None = None,
     max_body_mb: float = 4.0,
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: Dtype = "float32",
     quantize: bool = False,
 ) -> int:
     """Serve a model over the OpenAI API: /v1/chat/completions (tools, streaming), /v1/completions,
@@ -61,18 +60,12 @@ def serve(
         raise UserError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch} and {max_queue}")
     if max_model_len is not None and max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {max_model_len}")
-    import torch
-
+    from qwenkit.hub import resolve_model
     from qwenkit.server.app import create_app
     from qwenkit.server.engine import Engine
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise UserError(f"--dtype {dtype!r}: choose float32 or bfloat16")
-    from qwenkit.hub import load, resolve_model
-
     folder = resolve_model(model)
-    m, tok = load(folder, dtypes[dtype], quantize)
+    m, tok = load_from_flags(folder, dtype, quantize)
     api_key = api_key or os.environ.get("QWENKIT_API_KEY") or None
     name = served_model_name or ("default" if model == "default" else folder.resolve().name)
     engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)
@@ -85,3 +78,6 @@ def serve(
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
+
+
+COMMANDS = {"serve": serve}

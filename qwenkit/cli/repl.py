@@ -1,4 +1,4 @@
-"""The terminal chat behind `qwenkit chat`: a conversation that streams its replies, keeps its
+"""The terminal chat of `qwenkit chat`: a conversation that streams its replies, keeps its
 history within the model's context (dropping the oldest turns, with a notice), and answers the
 commands /reset, /system TEXT, /save FILE, /help and /quit."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from qwenkit.errors import ContextLengthError
-from qwenkit.generate import SamplingParams, context_length
+from qwenkit.generate import SamplingParams, check_fits, context_length
 from qwenkit.model import QwenForCausalLM
 from qwenkit.text import stream_text
 from qwenkit.tokenizer import Tokenizer
@@ -51,27 +51,31 @@ class ChatSession:
     def _prompt_ids(self) -> list[int]:
         """The rendered conversation, dropping the oldest turns until an answer of max_new_tokens fits.
         A message that cannot fit even alone is refused before any history is dropped."""
-        budget = context_length(self.model.config) - self.params.max_new_tokens
+        limit = context_length(self.model.config)
+        # A whole answer fits when the prompt and all but the answer's last token fit as a prompt
+        # does (the last token is predicted, never fed): generate's own rule, check_fits.
+        answer = self.params.max_new_tokens - 1
         head = [{"role": "system", "content": self.system}] if self.system else []
         alone = len(self.tok.apply_chat_template(head + self.turns[-1:], add_generation_prompt=True))
-        if alone > budget:
+        try:
+            check_fits(alone + answer, limit)
+        except ContextLengthError:
             raise ContextFull(
                 f"this message is {alone} tokens with the system prompt; the context holds "
-                f"{budget + self.params.max_new_tokens}, {self.params.max_new_tokens} of them kept "
-                f"for the answer"
-            )
+                f"{limit}, {self.params.max_new_tokens} of them kept for the answer"
+            ) from None
         while True:
             ids = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
-            if len(ids) <= budget:
+            try:
+                check_fits(len(ids) + answer, limit)
                 return ids
+            except ContextLengthError:
+                pass
             # The oldest exchange goes: the user turn and the answer that followed it.
             drop = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1
             del self.turns[:drop]
             print(
-                f"[history: dropped the oldest turn to fit the context of {budget + self.params.max_new_tokens} "
-                f"tokens]",
-                file=self.notice,
-                flush=True,
+                f"[history: dropped the oldest turn to fit the context of {limit} tokens]", file=self.notice, flush=True
             )
 
     def ask(self, text: str) -> Iterator[str]:
@@ -95,6 +99,7 @@ class ChatSession:
         self.turns = []
 
     def save(self, path: str | os.PathLike) -> Path:
+        # Written in place, not through files.atomic_write: the file may be a device (/dev/stdout).
         path = Path(path)
         path.write_text(json.dumps({"messages": self.messages}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         return path
