@@ -9,14 +9,10 @@ import math
 import pytest
 import torch
 
-from qwenkit.cli import COMMANDS, main
+from qwenkit.cli import apps, main
 from qwenkit.hub import load
-from qwenkit.tasks import commands, sentiment, translate, write
+from qwenkit.tasks import sentiment, translate, write
 from qwenkit.tasks.scoring import answer_ids
-
-# Registered here too, so that these tests do not depend on the order in which cli.py is wired.
-for _fn in (commands.write, commands.qa, commands.translate, commands.sentiment, commands.code, commands.eval_):
-    COMMANDS.setdefault(_fn.__name__.rstrip("_"), _fn)
 
 SAMPLED = ["--temperature", "1", "--seed", "0"]  # greedy decoding of a random model repeats one token
 
@@ -97,7 +93,7 @@ def test_answer_from_documents_reports_sources(tiny_dir, tmp_path, capsys):
 
 def test_classify_i_love_this_product(tiny_dir, capsys):
     # The command function itself: a positional TEXT that --input makes optional.
-    assert commands.sentiment("I love this product!", model=tiny_dir) == 0
+    assert apps.sentiment("I love this product!", model=tiny_dir) == 0
     lines = capsys.readouterr().out.splitlines()
     label, rows = lines[0], [line.strip().split(": ") for line in lines[1:]]
     probs = {name: float(p) for name, p in rows}

@@ -7,11 +7,8 @@ import json
 import pytest
 import sacrebleu
 
-from qwenkit.cli import COMMANDS, main
-from qwenkit.tasks import TASKS, commands, sample_data
-
-for _fn in (commands.write, commands.qa, commands.translate, commands.sentiment, commands.code, commands.eval_):
-    COMMANDS.setdefault(_fn.__name__.rstrip("_"), _fn)
+from qwenkit.cli import main
+from qwenkit.tasks import TASKS, sample_data
 
 
 def rows(task):

@@ -7,9 +7,9 @@ for it.
 
 from __future__ import annotations
 
-import typing
 from typing import TYPE_CHECKING, Literal
 
+from qwenkit import config
 from qwenkit.errors import UserError
 
 if TYPE_CHECKING:
@@ -19,18 +19,13 @@ if TYPE_CHECKING:
 
     from qwenkit.generate import SamplingParams
 
-# The dtypes a model is loaded in, by their torch names. float16 is not offered: it overflows on
-# Qwen2.5's weights.
+# --dtype's choices: qwenkit.config's dtype names, spelled as torch names them.
 Dtype = Literal["float32", "bfloat16"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a --dtype name."""
-    import torch
-
-    if name not in typing.get_args(Dtype):
-        raise UserError(f"--dtype {name!r}: choose float32 or bfloat16 (float16 overflows on Qwen2.5 weights)")
-    return getattr(torch, name)
+    """The torch dtype of a --dtype name (qwenkit.config's table)."""
+    return config.torch_dtype(name)
 
 
 def load_from_flags(model: str | os.PathLike | None, dtype: str, quantize: bool = False):
