@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf_files import CORPUS, tiny_vocab, write_gguf
 from reference import random_model, tiny_config
-from test_gguf import CORPUS, tiny_vocab, write_gguf
 
 import qwenkit
 from qwenkit import hub as models
