@@ -36,6 +36,7 @@ import tempfile
 import time
 
 import torch
+from machine import bandwidth_now
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 512, 2048, 8, 2, 151936
 
@@ -188,11 +189,14 @@ def main() -> None:
                 # so neither library always runs first.
                 order = ("transformers", "qwenkit") if round_ % 2 == 0 else ("qwenkit", "transformers")
                 for lib in order:
+                    before = bandwidth_now()
                     runs.append(run_worker(lib, mode, folder, args))
                     r = runs[-1]
+                    r["bandwidth"] = (before, bandwidth_now())
                     print(
                         f"  round {round_ + 1} {lib:12} {mode:4}  {r['tokens_per_s']:8.1f} tokens/s  "
-                        f"peak {r['peak_mb']:8.0f} MB  first loss {r['first_loss']:.5f}",
+                        f"peak {r['peak_mb']:8.0f} MB  first loss {r['first_loss']:.5f}  read bandwidth "
+                        f"{before / 1e9:.0f} -> {r['bandwidth'][1] / 1e9:.0f} GB/s",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -215,7 +219,8 @@ def main() -> None:
     )
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads; read bandwidth beside the counted runs "
+        f"{min(min(r['bandwidth']) for r in rows) / 1e9:.0f}-{max(max(r['bandwidth']) for r in rows) / 1e9:.0f} GB/s"
     )
     what = "peak RSS over baseline" if args.device == "cpu" else "peak allocated"
     print(
