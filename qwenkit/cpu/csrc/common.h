@@ -1,5 +1,14 @@
-/* What the kernels share: 16-lane fp32 vectors (GCC/Clang vector extensions, compiled to the
- * machine's own SIMD), bf16 <-> fp32 conversion as PyTorch rounds, and vector loads. */
+/* What the kernels share: the element types and how to load, round and store them, one at a time
+ * and as 16-lane fp32 vectors (GCC/Clang vector extensions, compiled to the machine's own SIMD);
+ * bf16 <-> fp32 conversion as PyTorch rounds; the lanes' sum, e^x, and how threads share out rows.
+ *
+ * Each kernel is written once, over `void *` data and an `enum dtype`: its body is an always-inline
+ * function, and each caller passes the type as a constant, so the compiler builds one copy of the
+ * body per type with every branch on the type folded away. The one place where the type is not a
+ * constant is inside an OpenMP parallel region: the compiler outlines the region into a function of
+ * its own before it propagates constants, so code there branches on the type once (gemv_rows,
+ * attention_part, decode_layers' region) and calls a body with a constant in each branch.
+ */
 #ifndef QWENKIT_KERNELS_COMMON_H
 #define QWENKIT_KERNELS_COMMON_H
 
@@ -9,29 +18,50 @@
 #include <immintrin.h>
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+/* Functions that one source defines for another's use, not exported from the library */
+#define INTERNAL __attribute__((visibility("hidden")))
 
-#define SAME(v) (v)
+#define MAX_ROWS 8 /* rows of x per call (qwenkit.kernels.MAX_ROWS) */
 
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+/* The element types: fp32; bf16, as the uint16_t bit pattern; int8 (gemv's weights only) */
+enum dtype { F32, BF16, INT8 };
+
+typedef float vf __attribute__((vector_size(64)));     /* 16 fp32 lanes */
+typedef uint16_t vh __attribute__((vector_size(32)));  /* 16 bf16 bit patterns */
+typedef uint32_t vu __attribute__((vector_size(64)));  /* 16 fp32 bit patterns */
+typedef int32_t vi32 __attribute__((vector_size(64))); /* 16 int32 lanes */
+typedef int8_t vi8 __attribute__((vector_size(16)));   /* 16 int8 lanes */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
-    uint32_t u; memcpy(&u, &f, 4);
+    uint32_t u;
+    memcpy(&u, &f, 4);
     if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     u += 0x7fff + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
 }
 
-static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf round_f32(vf v) { return v; }
-static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 -> 16 fp32, exact */
-    vh h; memcpy(&h, p, sizeof h);
-    vu u = __builtin_convertvector(h, vu) << 16;
-    vf f; memcpy(&f, &u, sizeof f); return f;
+static inline vf load_f32(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
-/* 16 fp32 -> 16 bf16 as f32_to_bf16 rounds each, and the fp32 value of that rounding */
+static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf load_bf16(const uint16_t *p) { /* 16 bf16 -> 16 fp32, exact */
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+/* 16 fp32 -> 16 bf16 as f32_to_bf16 rounds each, in the low half of each lane */
 static inline vu bf16_bits(vf f) {
     vu u;
     memcpy(&u, &f, sizeof u);
@@ -42,11 +72,54 @@ static inline void store_bf16(uint16_t *p, vf f) {
     vh h = __builtin_convertvector(bf16_bits(f), vh);
     memcpy(p, &h, sizeof h);
 }
-static inline vf round_bf16(vf f) {
+static inline vf round_bf16(vf f) { /* the fp32 value of store_bf16's rounding */
     vu u = bf16_bits(f) << 16;
     memcpy(&f, &u, sizeof f);
     return f;
 }
+static inline vf load_i8(const int8_t *p) { /* 16 int8 -> 16 fp32, exact */
+#if defined(__AVX512F__) /* GCC turns the generic conversion below into byte-by-byte code */
+    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    vf v;
+    memcpy(&v, &f, sizeof v);
+    return v;
+#else
+    vi8 b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vi32), vf);
+#endif
+}
+
+/* The same over any type: element i of p (or 16 from i) as fp32, exactly; stored rounded to the
+ * type (to nearest even, as PyTorch); and the fp32 value of that rounding. Stores take F32 or BF16. */
+static ALWAYS_INLINE long dtype_size(enum dtype dt) { return dt == F32 ? 4 : dt == BF16 ? 2 : 1; }
+static ALWAYS_INLINE void *at(const void *p, long i, enum dtype dt) { /* the address of element i */
+    return (char *)p + i * dtype_size(dt);
+}
+static ALWAYS_INLINE float load(const void *p, long i, enum dtype dt) {
+    if (dt == F32) return ((const float *)p)[i];
+    if (dt == BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return (float)((const int8_t *)p)[i];
+}
+static ALWAYS_INLINE void store(void *p, long i, float f, enum dtype dt) {
+    if (dt == BF16)
+        ((uint16_t *)p)[i] = f32_to_bf16(f);
+    else
+        ((float *)p)[i] = f;
+}
+static ALWAYS_INLINE float round_to(float f, enum dtype dt) { return dt == BF16 ? bf16_to_f32(f32_to_bf16(f)) : f; }
+static ALWAYS_INLINE vf vload(const void *p, long i, enum dtype dt) {
+    if (dt == F32) return load_f32((const float *)p + i);
+    if (dt == BF16) return load_bf16((const uint16_t *)p + i);
+    return load_i8((const int8_t *)p + i);
+}
+static ALWAYS_INLINE void vstore(void *p, long i, vf v, enum dtype dt) {
+    if (dt == BF16)
+        store_bf16((uint16_t *)p + i, v);
+    else
+        store_f32((float *)p + i, v);
+}
+static ALWAYS_INLINE vf vround(vf v, enum dtype dt) { return dt == BF16 ? round_bf16(v) : v; }
 
 /* The sum of the lanes as a tree (8 pairs, then 4, 2, 1): four dependent additions, not fifteen,
  * so a row's sum does not hold up the stream; the same order on every machine. */
@@ -66,7 +139,6 @@ static inline float hsum(vf v) {
  * on [-ln2/2, ln2/2] after taking out the power of two). x is clamped to [-87.3, 88.3], so that the
  * power of two stays normal: e^x of a lower x comes out as 1e-38, not 0, which neither a softmax
  * over maxima-shifted scores nor x / (1 + e^-x) can tell apart. */
-typedef int32_t vi32 __attribute__((vector_size(64)));
 static inline vf exp_vf(vf x) {
     vf n;
 #if defined(__AVX512F__) /* GCC leaves the loop below as sixteen scalar roundings */
@@ -99,16 +171,13 @@ static inline vf exp_vf(vf x) {
     return p * two_n;
 }
 
-#define MAX_ROWS 8 /* rows of x per call (qwenkit.kernels.MAX_ROWS) */
-
 /* The next block [n0, n1) of N output rows for the calling thread, or 0 when all are taken. The
  * threads share `*next` (0 at the start) and take blocks as they go, 1/nt of what is left but at
  * least `least` rows: a thread that streams faster takes more, so the threads finish within one
  * small block of each other, where fixed halves could leave one waiting on the other for several
- * percent of the time. Each new block costs its thread a restart of the stream: with 1/(2 nt) of
- * what is left (2.4 times the blocks), bf16 products at batch 1 read 57-59 GB/s against 65-66
- * here for 896 x 896 weights, 69-71 against 74-76 for 896 x 4864, 78-79 against 84 for the
- * 151936 x 896 head (alternating builds, a reduction reading 77-79 GB/s). */
+ * percent of the time. Each new block costs its thread a restart of the stream, so blocks do not
+ * get smaller than that: smaller ones (1/(2 nt) of what is left) measured slower; see
+ * benchmarks/README.md. */
 static inline int claim(long *next, long N, long least, int nt, long *n0, long *n1) {
     long left = N - __atomic_load_n(next, __ATOMIC_RELAXED);
     long size = left / nt > least ? left / nt : least;
@@ -125,28 +194,18 @@ static inline long least_rows(long row_bytes) {
     return rows < 4 ? 4 : rows > 32 ? 32 : rows;
 }
 
-/* What decode.c runs inside its own parallel region: gemv.c's products of rows [n0, n1), or of
- * blocks claimed from *next, attention.c's attention for thread t, and norm.c's norm (one
- * thread). Internal to the library. */
-#define INTERNAL __attribute__((visibility("hidden")))
-INTERNAL void qwenkit_gemv_f32_rows(const float *x, const float *w, const void *scale, const float *b, float *y,
-                                    long M, long N, long K, long n0, long n1);
-INTERNAL void qwenkit_gemv_bf16_rows(const uint16_t *x, const uint16_t *w, const void *scale, const uint16_t *b,
-                                     uint16_t *y, long M, long N, long K, long n0, long n1);
-INTERNAL void qwenkit_gemv_f32_part(const float *x, const float *w, const void *scale, const float *b, float *y,
-                                    long M, long N, long K, long *next, int nt);
-INTERNAL void qwenkit_gemv_bf16_part(const uint16_t *x, const uint16_t *w, const void *scale, const uint16_t *b,
-                                     uint16_t *y, long M, long N, long K, long *next, int nt);
-INTERNAL int qwenkit_decode_attention_f32_part(const float *q, const float *k, const float *v, const float *cos,
-                                               const float *sin, float *kc, float *vc, const int64_t *slot,
-                                               const uint8_t *valid, float *out, long B, long H, long K, long S,
-                                               long D, int t, int nt);
-INTERNAL int qwenkit_decode_attention_bf16_part(const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                                                const uint16_t *cos, const uint16_t *sin, uint16_t *kc, uint16_t *vc,
-                                                const int64_t *slot, const uint8_t *valid, uint16_t *out, long B,
-                                                long H, long K, long S, long D, int t, int nt);
+/* What decode.c runs inside its own parallel region, for data of type dt (F32 or BF16; INT8 for
+ * gemv's w, with x, b and y in F32): gemv.c's products of output rows [n0, n1), or of blocks
+ * claimed from *next until none is left; attention.c's attention for thread t of nt; norm.c's
+ * norm (one thread). */
+INTERNAL void gemv_rows(const void *x, const void *w, const uint16_t *scale, const void *b, void *y, long M, long N,
+                        long K, long n0, long n1, enum dtype wt);
+INTERNAL void gemv_part(const void *x, const void *w, const uint16_t *scale, const void *b, void *y, long M, long N,
+                        long K, long *next, int nt, enum dtype wt);
+INTERNAL int attention_part(const void *q, const void *k, const void *v, const void *cos, const void *sin, void *kc,
+                            void *vc, const int64_t *slot, const uint8_t *valid, void *out, long B, long H, long K,
+                            long S, long D, int t, int nt, enum dtype dt);
 INTERNAL int attention_sizes_ok(const int64_t *slot, long B, long H, long K, long S, long D);
-int qwenkit_rms_norm_f32(const float *x, const float *w, float *y, long rows, long C, float eps);
-int qwenkit_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, long rows, long C, float eps);
+INTERNAL void rms_norm(const void *x, const void *w, void *y, long rows, long C, float eps, enum dtype dt);
 
 #endif
