@@ -1,6 +1,6 @@
 """The CLI's flags come from typed Python: a function's signature and `Args:` docstring, or a
-dataclass's fields (the machinery `finetune`'s recipe keys can use); and every command runs under
-the one error handler."""
+dataclass's fields (the machinery that makes `finetune`'s recipe keys flags); and every command runs
+under the one error handler."""
 
 import argparse
 import dataclasses
@@ -10,8 +10,16 @@ from typing import Annotated, Literal
 import pytest
 
 from qwenkit.cli import COMMANDS, main
-from qwenkit.cli.signature import Negation, add_command, add_params, arg_help, dataclass_params, function_params
-from qwenkit.errors import ConfigError
+from qwenkit.cli.signature import (
+    Flags,
+    Negation,
+    add_command,
+    add_params,
+    arg_help,
+    dataclass_params,
+    function_params,
+)
+from qwenkit.errors import ConfigError, UserError
 
 
 def command(
@@ -123,6 +131,21 @@ def test_dataclass_flags_can_leave_out_what_was_not_given():
     assert "learning rate (default: 0.0002)" in parser.format_help()
 
 
+def test_dataclass_flags_can_be_left_as_text_for_the_caller_to_read():
+    parser = argparse.ArgumentParser()
+    add_params(parser, dataclass_params(Recipe), suppress_defaults=True, as_text=True)
+    argv = ["--lr", "fast", "--method", "LoRA", "--packing", "--targets", "o_proj,v_proj", "--layers", "2"]
+    assert vars(parser.parse_args(argv)) == {
+        "lr": "fast",  # the caller's check words the error
+        "method": "LoRA",  # choices are shown, not checked
+        "packing": True,  # a switch stays a switch
+        "targets": "o_proj,v_proj",  # one value, not a repeated flag
+        "layers": "2",
+    }
+    text = " ".join(parser.format_help().split())
+    assert "--method {full,lora}" in text and "--targets TARGETS,..." in text and "(default: lora)" in text
+
+
 def test_every_finetune_key_becomes_a_flag():
     from qwenkit.finetune.config import FinetuneConfig
 
@@ -165,3 +188,65 @@ def test_finetune_runs_under_the_same_handler(capsys):
     assert capsys.readouterr().err.startswith("qwenkit finetune: error: unknown key 'lora_rank'")
     assert main(["finetune", "--dry-run", "model=m", "data=d.jsonl", "output=o", "--max-steps", "7"]) == 0
     assert "max_steps: 7\n" in capsys.readouterr().out
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Flags several commands share.
+
+    Args:
+        size: how big.
+        rate: how fast.
+        loud: make noise.
+        mode: which way.
+    """
+
+    size: int | None = None
+    rate: float = 1.0
+    loud: bool = False
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self):
+        if self.size is not None and self.size < 1:
+            raise UserError(f"--size must be at least 1, got {self.size}")
+
+
+def knobbed(path: str, *, knobs: Annotated[Knobs, Flags("rate", "size", "loud")] = Knobs(size=3), after: int = 0):
+    """Turn the knobs.
+
+    Args:
+        path: the input.
+        size: how big, for this command.
+        after: a flag after the group.
+    """
+    return 0
+
+
+def test_a_dataclass_parameter_becomes_flags_in_its_place():
+    parser = parser_for(knobbed)
+    assert vars(parser.parse_args(["cmd", "p"])) == {"command": "cmd", "path": "p", "knobs": Knobs(size=3), "after": 0}
+    args = parser.parse_args(["cmd", "p", "--size", "5", "--loud", "--rate", "0.5", "--after", "1"])
+    assert args.knobs == Knobs(size=5, rate=0.5, loud=True) and args.after == 1
+    assert parser.parse_args(["cmd", "p", "--loud", "--no-loud"]).knobs.loud is False
+    assert Knobs().size is None  # the default instance is replaced, not changed
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cmd", "p", "--mode", "b"])  # a field not named is no flag
+    text = " ".join(parser._subparsers._group_actions[0].choices["cmd"].format_help().split())
+    # in the parameter's place and the order named; the command's help, else the dataclass's
+    assert "[--rate RATE] [--size SIZE] [--loud | --no-loud] [--after AFTER] path" in text
+    assert "how big, for this command. (default: 3)" in text and "how fast. (default: 1.0)" in text
+    assert [p.name for p in function_params(knobbed)] == ["path", "rate", "size", "loud", "after"]
+
+
+def test_a_value_the_dataclass_refuses_is_a_usage_error(capsys):
+    parser = parser_for(knobbed)
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args(["cmd", "p", "--size", "0"])
+    assert exit.value.code == 2 and "error: --size must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_dataclass_parameter_flags_can_leave_out_what_was_not_given():
+    parser = argparse.ArgumentParser()
+    add_params(parser, function_params(knobbed), suppress_defaults=True)
+    assert vars(parser.parse_args(["p"])) == {"path": "p"}
+    assert vars(parser.parse_args(["p", "--rate", "2"])) == {"path": "p", "knobs": Knobs(size=3, rate=2.0)}

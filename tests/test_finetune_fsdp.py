@@ -29,14 +29,15 @@ def _torchrun(nproc, *args):
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
-        "qwenkit.finetune.cli",
+        "qwenkit",
+        "finetune",
         *args,
         "--no-progress",
     ]
 
 
 def _single(*args):
-    return [sys.executable, "-m", "qwenkit.finetune.cli", *args, "--no-progress"]
+    return [sys.executable, "-m", "qwenkit", "finetune", *args, "--no-progress"]
 
 
 def _run(cmd, ok=True):
@@ -107,7 +108,7 @@ def test_two_processes_match_one_with_the_same_global_batch(files, tmp_path, met
 
 KILLER = """
 import os, signal, sys
-from qwenkit.finetune.cli import config_from_args
+from qwenkit.cli.finetune import config_from_args
 from qwenkit.finetune.trainer import finetune
 kill_at = int(sys.argv[1])
 cfg, _ = config_from_args(sys.argv[2:])

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qwenkit.finetune.cli import build_parser, config_from_args, main
+from qwenkit.cli import main
+from qwenkit.cli.finetune import build_parser, config_from_args
 from qwenkit.finetune.config import KEYS, FinetuneConfig, RecipeError, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -131,6 +132,26 @@ def test_yaml_then_key_values_then_flags(tmp_path):
     assert (cfg.model, cfg.data) == ("no", "1.5")
 
 
+@pytest.mark.parametrize(
+    "key,text,value",
+    [
+        ("lora_targets", "q_proj,v_proj", ["q_proj", "v_proj"]),
+        ("betas", "0.8,0.95", [0.8, 0.95]),
+        ("betas", "[0.8, 0.95]", [0.8, 0.95]),
+        ("method", "FULL", "full"),
+        ("train_layers", "2", 2),
+        ("val_data", "none", None),
+        ("model", "no", "no"),
+        ("lr", "1.0e-3", 1e-3),
+    ],
+)
+def test_a_flag_reads_as_the_same_key_value(key, text, value):
+    base = ["model=m", "data=d", "output=o"]
+    as_item, _ = config_from_args([*base, f"{key}={text}"])
+    as_flag, _ = config_from_args([*base, "--" + key.replace("_", "-"), text])
+    assert as_flag == as_item and getattr(as_flag, key) == value
+
+
 def test_help_lists_every_key_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["--help"])
@@ -145,13 +166,14 @@ def test_help_lists_every_key_with_its_default(capsys):
     "argv,message",
     [
         (["--model", "m", "--data", "d", "--output", "o", "--lr", "abc"], "key 'lr': must be a number"),
+        (["--model", "m", "--data", "d", "--output", "o", "--method", "qlora"], "key 'method': must be one of"),
         (["colour=blue"], "unknown key 'colour'"),
         (["--data", "d", "--output", "o"], "key 'model': is required"),
         (["missing.yaml"], "missing.yaml: no such recipe file"),
     ],
 )
 def test_user_errors_are_one_line_and_status_2(argv, message, capsys):
-    assert main(argv) == 2
+    assert main(["finetune", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qwenkit finetune: error: ") and message in err and "\n" not in err
 
@@ -163,6 +185,7 @@ def test_missing_data_file_is_a_user_error(tmp_path, capsys):
     assert (
         main(
             [
+                "finetune",
                 "--model",
                 str(tmp_path / "m"),
                 "--data",
@@ -178,7 +201,7 @@ def test_missing_data_file_is_a_user_error(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_resolved_recipe(capsys):
-    assert main([str(CONFIGS[0]), "lr=3e-4", "--dry-run"]) == 0
+    assert main(["finetune", str(CONFIGS[0]), "lr=3e-4", "--dry-run"]) == 0
     import yaml
 
     printed = yaml.safe_load(capsys.readouterr().out)

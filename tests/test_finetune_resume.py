@@ -17,7 +17,7 @@ ROOT = Path(__file__).parent.parent
 # Kills its own process at a given step, from inside the training loop: a real SIGKILL, mid-run.
 KILLER = """
 import os, signal, sys
-from qwenkit.finetune.cli import config_from_args
+from qwenkit.cli.finetune import config_from_args
 from qwenkit.finetune.trainer import finetune
 kill_at = int(sys.argv[1])
 cfg, _ = config_from_args(sys.argv[2:])
@@ -92,7 +92,7 @@ def test_sigkill_and_resume_gives_identical_losses(files, tmp_path, method):
     ]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = subprocess.run(
-        [sys.executable, "-m", "qwenkit.finetune.cli", *args, "--output", str(whole), "--no-progress"],
+        [sys.executable, "-m", "qwenkit", "finetune", *args, "--output", str(whole), "--no-progress"],
         env=_env(),
         capture_output=True,
         text=True,
@@ -114,7 +114,7 @@ def test_sigkill_and_resume_gives_identical_losses(files, tmp_path, method):
     (broken / "checkpoints" / ".tmp-step-00000009").mkdir()
 
     resumed = subprocess.run(
-        [sys.executable, "-m", "qwenkit.finetune.cli", *args, "--output", str(broken), "--resume", "--no-progress"],
+        [sys.executable, "-m", "qwenkit", "finetune", *args, "--output", str(broken), "--resume", "--no-progress"],
         env=_env(),
         capture_output=True,
         text=True,

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from reference import random_model, tiny_config, write_jsonl, write_run_files
 from safetensors.torch import load_file, save_file
 
+from qwenkit.cli import main
 from qwenkit.errors import CheckpointError
-from qwenkit.finetune.cli import main
 from qwenkit.finetune.config import RecipeError, load_config
 from qwenkit.finetune.loss import CausalLMLoss, fused_linear_cross_entropy
 from qwenkit.finetune.trainer import Trainer
@@ -215,6 +215,7 @@ def test_micro_batches_and_checkpointing_do_not_change_the_losses(files, tmp_pat
 def test_checkpoints_keep_the_last_k_and_a_finished_run_is_not_overwritten(files, tmp_path, capsys):
     out = tmp_path / "ck"
     argv = [
+        "finetune",
         "--model",
         str(files / "model"),
         "--data",

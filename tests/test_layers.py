@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def lint_imports(package_parent: Path) -> subprocess.CompletedProcess:
     """lint-imports over the qwenkit found under package_parent, with this repository's contracts."""
     env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(package_parent), "HOME": str(package_parent)}
-    command = [str(Path(sys.executable).parent / "lint-imports"), "--config", str(ROOT / "pyproject.toml"), "--no-cache"]
+    lint = Path(sys.executable).parent / "lint-imports"
+    command = [str(lint), "--config", str(ROOT / "pyproject.toml"), "--no-cache"]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=package_parent, timeout=300)
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from reference import random_model, tiny_config
 
-from qwenkit.model import load_model
 from qwenkit.lora import (
     ALL_LINEAR,
     AdapterError,
@@ -19,6 +18,7 @@ from qwenkit.lora import (
     merge_lora,
     save_model_adapter,
 )
+from qwenkit.model import load_model
 
 IDS = torch.tensor([[5, 17, 301, 42, 7, 99, 3, 250, 11, 400, 8, 1]])
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from reference import hf_twin, random_model, tiny_config
 
-from qwenkit.config import PRESETS, YarnScaling
 from qwenkit.cache import KVCache
+from qwenkit.config import PRESETS, YarnScaling
 from qwenkit.model import QwenForCausalLM
 
 TOL = 1e-4

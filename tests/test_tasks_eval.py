@@ -157,6 +157,9 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     assert main(["eval", "qa", "--predictions", str(tmp_path / "broken.jsonl")]) == 2
     assert "broken.jsonl:1: not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # refused while parsing, as a bad type is, before any loading
+        main(["eval", "qa", "--limit", "0"])
+    assert exit.value.code == 2 and "--limit must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_standalone_predictions_need_no_data_file(tmp_path):

@@ -2,6 +2,7 @@
 over it: it names no task, and a task it has never seen, registered here, is evaluated like the five."""
 
 import ast
+import dataclasses
 import inspect
 import json
 import typing
@@ -10,9 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from qwenkit.cli import apps
+from qwenkit.cli.signature import function_params
 from qwenkit.errors import DataError, UserError
 from qwenkit.generate import SamplingParams
-from qwenkit.tasks import TASKS, commands, evaluate
+from qwenkit.tasks import TASKS, EvalOptions, evaluate
 from qwenkit.tasks.base import CategoricalTask, Context, GenerativeTask, Task
 
 # Enough of a model for SamplingParams.from_model: its generation_config.json and eos ids.
@@ -76,7 +79,7 @@ def write_jsonl(path: Path, rows) -> str:
 
 
 def test_every_task_follows_the_protocol():
-    cli_choices = typing.get_args(typing.get_type_hints(commands.eval_)["task"])
+    cli_choices = typing.get_args(typing.get_type_hints(apps.eval_)["task"])
     assert set(TASKS) == set(cli_choices)  # `qwenkit eval`'s choices are the registry's names
     for name in TASKS:
         task = TASKS[name]
@@ -142,6 +145,19 @@ def test_a_new_categorical_task_sees_the_whole_file_and_takes_no_samples(tmp_pat
         evaluate.evaluate("pick", path, model=FAKE_MODEL, tok=FAKE_TOK, output=tmp_path / "out", samples=2)
     with pytest.raises(UserError, match="unknown task 'nope'"):
         evaluate.evaluate("nope", path, model=FAKE_MODEL, tok=FAKE_TOK)
+
+
+def test_evaluate_takes_exactly_the_options_eval_offers(tmp_path, monkeypatch):
+    # One declaration: each EvalOptions field is a flag of `qwenkit eval` and a keyword of `evaluate`.
+    flags = [p.name for p in function_params(apps.eval_) if p.group is not None]
+    assert flags == [f.name for f in dataclasses.fields(EvalOptions)]
+    monkeypatch.setitem(TASKS, "pick", Pick())
+    path = write_jsonl(tmp_path / "pick.jsonl", [{"text": "x", "gold": "a"}])
+    with pytest.raises(TypeError, match="limt"):  # a misspelt option raises, none is swallowed
+        evaluate.evaluate("pick", path, model=FAKE_MODEL, tok=FAKE_TOK, limt=1)
+    for option in ("limit", "samples", "max_new_tokens"):
+        with pytest.raises(UserError, match=f"--{option.replace('_', '-')} must be at least 1, got 0"):
+            evaluate.evaluate("pick", path, model=FAKE_MODEL, tok=FAKE_TOK, **{option: 0})
 
 
 def test_task_decoding_defaults_follow_the_one_temperature_rule():

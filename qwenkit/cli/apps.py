@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from qwenkit.cli.common import Dtype, load_from_flags
+from qwenkit.cli.common import Decoding, Dtype, Sampling, load_from_flags
+from qwenkit.cli.signature import Flags
 from qwenkit.errors import DataError, UserError
+from qwenkit.tasks import EvalOptions
 
 if TYPE_CHECKING:
     from qwenkit.tasks.base import GenerativeTask
 
 
-def _sampling(task: GenerativeTask, m, max_new_tokens: int, temperature: float | None, seed: int | None):
+def _sampling(task: GenerativeTask, m, sampling: Sampling):
     """The command's decoding: its task's defaults (greedy, or the checkpoint's sampling for write)."""
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    return task.sampling(m, max_new_tokens, temperature, seed)
+    return task.sampling(m, sampling.max_new_tokens, sampling.temperature, sampling.seed)
 
 
 def write(
@@ -29,9 +29,7 @@ def write(
     *,
     model: str = "default",
     style: Literal["continue", "story", "news", "dialogue"] = "continue",
-    max_new_tokens: int = 256,
-    temperature: float | None = None,
-    seed: int | None = None,
+    sampling: Decoding = Sampling(max_new_tokens=256),
     dtype: Dtype = "float32",
 ) -> int:
     """Write with the model: continue a text, or write a story, a news article or a dialogue from a prompt.
@@ -51,7 +49,7 @@ def write(
     from qwenkit.tasks import write as task
 
     m, tok = load_from_flags(model, dtype)
-    params = _sampling(task.TASK, m, max_new_tokens, temperature, seed)
+    params = _sampling(task.TASK, m, sampling)
     piece = task.write(m, tok, [prompt], params, style)[0]
     print(task.join(prompt, piece) if style == "continue" else piece)
     return 0
@@ -63,9 +61,7 @@ def qa(
     model: str = "default",
     context: list[str] | None = None,
     top_k: int = 3,
-    max_new_tokens: int = 128,
-    temperature: float | None = None,
-    seed: int | None = None,
+    sampling: Decoding = Sampling(max_new_tokens=128),
     dtype: Dtype = "float32",
 ) -> int:
     """Answer a question, closed-book or from given documents, citing the passages the answer used.
@@ -88,7 +84,7 @@ def qa(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     m, tok = load_from_flags(model, dtype)
-    params = _sampling(task.TASK, m, max_new_tokens, temperature, seed)
+    params = _sampling(task.TASK, m, sampling)
     result = task.answer(m, tok, [question], params, [context], top_k)[0]
     print(result.answer or "(no answer)")
     if context:
@@ -109,9 +105,7 @@ def translate(
     to: str,
     from_: str | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 256,
-    temperature: float | None = None,
-    seed: int | None = None,
+    sampling: Decoding = Sampling(max_new_tokens=256),
     dtype: Dtype = "float32",
 ) -> int:
     """Translate text into another language; prints the translation only.
@@ -143,7 +137,7 @@ def translate(
         source = task.resolve_language(detected)
         print(f"source language: {source[1]} (detected)", file=sys.stderr)
     m, tok = load_from_flags(model, dtype)
-    params = _sampling(task.TASK, m, max_new_tokens, temperature, seed)
+    params = _sampling(task.TASK, m, sampling)
     print(task.translate(m, tok, [text], target[0], params, source[0], batch_size)[0])
     return 0
 
@@ -214,10 +208,8 @@ def code(
     test: str | None = None,
     entry_point: str | None = None,
     repair: int = 0,
-    max_new_tokens: int = 512,
     timeout: float = 10.0,
-    temperature: float | None = None,
-    seed: int | None = None,
+    sampling: Decoding = Sampling(max_new_tokens=512),
     dtype: Dtype = "float32",
 ) -> int:
     """Generate code for a task; with --test, run the tests in the sandbox, and with --repair N, feed
@@ -236,8 +228,8 @@ def code(
         test: a Python file of tests: asserts, or a HumanEval-style check(candidate) function.
         entry_point: the function check() is called with (default: the last function the code defines).
         repair: how many times to retry with the test failures fed back.
-        max_new_tokens: the longest reply, in tokens.
         timeout: seconds each test run may take.
+        max_new_tokens: the longest reply, in tokens.
         temperature: sampling temperature (default: greedy).
         seed: random seed, to reproduce sampled replies.
         dtype: the weights' dtype in memory.
@@ -257,8 +249,10 @@ def code(
         if app.normalize_lang(lang) != "python":
             raise UserError(f"--test runs Python tests; --lang {lang} cannot be tested")
     m, tok = load_from_flags(model, dtype)
-    params = _sampling(app.TASK, m, max_new_tokens, temperature, seed)
-    result = app.generate_code(m, tok, task, params, lang, tests, entry_point, repair, timeout)
+    params = _sampling(app.TASK, m, sampling)
+    result = app.generate_code(
+        m, tok, task, params, lang=lang, tests=tests, entry_point=entry_point, repair=repair, timeout=timeout
+    )
     for n, attempt in enumerate(result.attempts, 1):
         found = (
             f"code found ({len(attempt.code.splitlines())} lines)"
@@ -282,15 +276,7 @@ def eval_(
     *,
     data: str | None = None,
     model: str | None = None,
-    predictions: str | None = None,
-    limit: int | None = None,
-    output: str | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    samples: int = 1,
-    timeout: float = 10.0,
-    seed: int | None = None,
+    options: Annotated[EvalOptions, Flags()] = EvalOptions(),  # passed on to `evaluate` as they are
     dtype: Dtype = "float32",
 ) -> int:
     """Evaluate a task with its standard metric: generate with --model then score, or score
@@ -321,34 +307,12 @@ def eval_(
     """
     from qwenkit.tasks.evaluate import evaluate
 
-    if model is None and predictions is None:
-        raise UserError("give --model to generate predictions, or --predictions FILE to score existing ones")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    if samples < 1:
-        raise UserError(f"--samples must be at least 1, got {samples}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     m = tok = None
     if model is not None:
         m, tok = load_from_flags(model, dtype)
-    result = evaluate(
-        task,
-        data,
-        model=m,
-        tok=tok,
-        predictions=predictions,
-        limit=limit,
-        output=output,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        samples=samples,
-        timeout=timeout,
-        seed=seed,
-    )
+    result = evaluate(task, data, model=m, tok=tok, **vars(options))
     print(json.dumps(result, indent=2, ensure_ascii=False))
-    print(f"wrote predictions.jsonl and metrics.json to {output or f'eval-{task}'}", file=sys.stderr)
+    print(f"wrote predictions.jsonl and metrics.json to {options.output or f'eval-{task}'}", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""What the commands that run a model share: the dtype names, the model from --model, --dtype and
---quantize, and the sampling parameters from the sampling flags.
+"""What the commands that run a model share: the dtype names, the sampling flags and the weights'
+flags (each a dataclass whose fields a command takes as `Flags`), the model from --model, --dtype
+and --quantize, and the sampling parameters from the sampling flags.
 
 Torch is imported inside the functions: `qwenkit --help` imports this module and should not pay
 for it.
@@ -7,9 +8,11 @@ for it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from qwenkit import config
+from qwenkit.cli.signature import Flags
 from qwenkit.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,9 +26,69 @@ if TYPE_CHECKING:
 Dtype = Literal["float32", "bfloat16"]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling flags. One not given (None) leaves the checkpoint's generation_config.json value;
+    a command names the flags it offers, sets their defaults and may word their help its own way.
+
+    Args:
+        max_new_tokens: the most tokens to generate per prompt.
+        temperature: sampling temperature; 0 means greedy.
+        top_p: nucleus sampling: keep the smallest set of tokens holding this much probability.
+        top_k: sample among the k most likely tokens.
+        min_p: drop tokens below this fraction of the most likely token's probability.
+        repetition_penalty: >1 discourages tokens already in the prompt or the output.
+        presence_penalty: subtracted from the logit of every token already generated.
+        frequency_penalty: subtracted once per earlier occurrence in the output.
+        seed: random seed, to reproduce a sampled run.
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        check_max_new_tokens(self.max_new_tokens)
+
+
+# The sampling flags each kind of command offers, in --help's order: `generate` every one, `chat` the
+# usual few, and the applications how long, how random and the seed (the rest is their task's).
+SamplingFlags = Annotated[Sampling, Flags()]
+ChatSampling = Annotated[Sampling, Flags("max_new_tokens", "temperature", "top_p", "top_k", "seed")]
+Decoding = Annotated[Sampling, Flags("max_new_tokens", "temperature", "seed")]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How the weights sit in memory.
+
+    Args:
+        dtype: the weights' dtype in memory.
+        quantize: weight-only int8.
+    """
+
+    dtype: Dtype = "float32"
+    quantize: bool = False
+
+
+WeightFlags = Annotated[Weights, Flags()]
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a --dtype name (qwenkit.config's table)."""
     return config.torch_dtype(name)
+
+
+def check_max_new_tokens(max_new_tokens: int | None) -> None:
+    """--max-new-tokens, when given, asks for at least one token."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
 
 
 def load_from_flags(model: str | os.PathLike | None, dtype: str, quantize: bool = False):
@@ -47,9 +110,7 @@ def sampling_from_flags(model, *, greedy: bool = False, **flags) -> SamplingPara
     """
     from qwenkit.generate import SamplingParams
 
-    max_new_tokens = flags.get("max_new_tokens")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_max_new_tokens(flags.get("max_new_tokens"))
     if greedy and flags.get("temperature") is None:
         flags["do_sample"] = False
     return SamplingParams.from_model(model, **flags)

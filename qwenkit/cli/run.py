@@ -6,12 +6,23 @@ Heavy imports (torch, the model) happen inside the functions, so that `qwenkit -
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
-from qwenkit.cli.common import Dtype, load_from_flags, sampling_from_flags, torch_dtype
+from qwenkit.cli.common import (
+    ChatSampling,
+    Dtype,
+    Sampling,
+    SamplingFlags,
+    WeightFlags,
+    Weights,
+    load_from_flags,
+    sampling_from_flags,
+    torch_dtype,
+)
 from qwenkit.cli.signature import Negation
 from qwenkit.errors import UserError
 
@@ -41,8 +52,6 @@ def new(
         dtype: what the weights are saved as.
         tokenizer: also write the built-in Qwen2.5 tokenizer files.
     """
-    import dataclasses
-
     import torch
 
     from qwenkit.config import get_preset
@@ -76,22 +85,13 @@ def generate(
     prompt: str | None = None,
     input: str | None = None,
     output: str | None = None,
-    max_new_tokens: int = 256,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    seed: int | None = None,
+    sampling: SamplingFlags = Sampling(max_new_tokens=256, presence_penalty=0.0, frequency_penalty=0.0),
     stop: list[str] | None = None,
     chat: Annotated[bool, Negation("--raw")] = True,
     system: str | None = None,
     stream: bool = False,
     batch_size: int = 8,
-    dtype: Dtype = "float32",
-    quantize: bool = False,
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Generate completions: for one --prompt (printed, or streamed with --stream), or for every line
     of an --input JSONL file, in batches, into an --output JSONL file.
@@ -106,15 +106,6 @@ def generate(
         prompt: the text to complete (a user message, unless --raw).
         input: a JSONL file of prompts.
         output: where the completions of --input go (JSONL, one line per input line).
-        max_new_tokens: the most tokens to generate per prompt.
-        temperature: sampling temperature; 0 means greedy.
-        top_p: nucleus sampling: keep the smallest set of tokens holding this much probability.
-        top_k: sample among the k most likely tokens.
-        min_p: drop tokens below this fraction of the most likely token's probability.
-        repetition_penalty: >1 discourages tokens already in the prompt or the output.
-        presence_penalty: subtracted from the logit of every token already generated.
-        frequency_penalty: subtracted once per earlier occurrence in the output.
-        seed: random seed, to reproduce a sampled run.
         stop: stop when this text appears (repeat for several); it is not included.
         chat: wrap prompts in the chat template (--chat, the default) or use them as plain text (--raw).
         system: a system prompt (default: the chat template's own).
@@ -130,19 +121,8 @@ def generate(
         raise UserError("give either --prompt TEXT or --input FILE.jsonl")
     if input is not None and output is None:
         raise UserError("--input needs --output FILE.jsonl")
-    m, tok = load_from_flags(model, dtype, quantize)
-    params = sampling_from_flags(
-        m,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        seed=seed,
-    )
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize)
+    params = sampling_from_flags(m, **dataclasses.asdict(sampling))
     if input is not None:
         return _generate_file(m, tok, params, Path(input), Path(output), stop or [], chat, system, batch_size)
     ids = encode_prompt(tok, prompt, chat, system)
@@ -217,13 +197,8 @@ def chat(
     model: str | None = None,
     system: str | None = None,
     message: str | None = None,
-    max_new_tokens: int = 512,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    dtype: Dtype = "float32",
-    quantize: bool = False,
+    sampling: ChatSampling = Sampling(max_new_tokens=512),
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Chat with a model in the terminal: replies stream as they are written, and the conversation
     is kept within the model's context (the oldest turns are dropped, with a notice).
@@ -238,19 +213,13 @@ def chat(
         system: the system prompt (default: the chat template's own).
         message: answer this one message, print the answer and exit.
         max_new_tokens: the longest answer, in tokens.
-        temperature: sampling temperature; 0 means greedy.
         top_p: nucleus sampling mass.
-        top_k: sample among the k most likely tokens.
         seed: random seed, to reproduce a sampled conversation.
-        dtype: the weights' dtype in memory.
-        quantize: weight-only int8.
     """
     from qwenkit.cli import repl
 
-    m, tok = load_from_flags(model, dtype, quantize)
-    params = sampling_from_flags(
-        m, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
-    )
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize)
+    params = sampling_from_flags(m, **dataclasses.asdict(sampling))
     session = repl.ChatSession(m, tok, params, system=system)
     if message is None:
         repl.run(session)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from qwenkit.cli.common import Dtype, load_from_flags
+from qwenkit.cli.common import WeightFlags, Weights, load_from_flags
 from qwenkit.errors import UserError
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -24,8 +24,7 @@ def serve(
     max_model_len: int | None = None,
     served_model_name: str | None = None,
     max_body_mb: float = 4.0,
-    dtype: Dtype = "float32",
-    quantize: bool = False,
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Serve a model over the OpenAI API: /v1/chat/completions (tools, streaming), /v1/completions,
     /v1/models and /health, for the official `openai` client or anything that speaks its protocol.
@@ -48,8 +47,6 @@ def serve(
             at most 4096). The KV cache holds max_batch x max_model_len tokens.
         served_model_name: the model id clients send (default: the folder's name).
         max_body_mb: larger request bodies are answered 413 (megabytes of 2**20 bytes).
-        dtype: the weights' dtype in memory.
-        quantize: weight-only int8.
     """
     try:  # the serve extra: a clear message rather than a traceback without it
         import fastapi  # noqa: F401
@@ -65,7 +62,7 @@ def serve(
     from qwenkit.server.engine import Engine
 
     folder = resolve_model(model)
-    m, tok = load_from_flags(folder, dtype, quantize)
+    m, tok = load_from_flags(folder, weights.dtype, weights.quantize)
     api_key = api_key or os.environ.get("QWENKIT_API_KEY") or None
     name = served_model_name or ("default" if model == "default" else folder.resolve().name)
     engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -131,13 +132,31 @@ def check_keys(keys: Iterable, file: str | os.PathLike | None = None) -> None:
             raise RecipeError(f"unknown key '{k}'{hint}", file=file)
 
 
-def key_help() -> list[tuple[str, str, Any]]:
-    """(key, meaning, default) for every key, in order: what `--help` prints."""
-    out = []
-    for f in dataclasses.fields(FinetuneConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append((f.name, f.metadata["doc"], default))
-    return out
+def _is_text(key: str) -> bool:
+    """Whether a key's value is a plain string (`str`, `str | None` or a Literal of words)."""
+    kind = TYPES[key]
+    if kind is str or get_origin(kind) is Literal:
+        return True
+    options = [a for a in get_args(kind) if a is not type(None)]
+    return get_origin(kind) in (Union, types.UnionType) and options == [str]
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A value typed on a command line (`key=value` or `--key value`), read as YAML reads it
+    (`[q_proj, v_proj]` is a list, `1.0e-3` a number), except that a key whose value is a string
+    keeps the text as typed: a path named `no` or `1.5` is not a bool or a number. `validate` then
+    coerces it to the key's type, as it does a YAML file's values.
+
+    Args:
+        key: a recipe key.
+        text: its value as typed.
+    """
+    if _is_text(key):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _bad(key: str, why: str):
@@ -366,8 +385,8 @@ __all__ = [
     "build_config",
     "check_keys",
     "check_required",
-    "key_help",
     "load_config",
+    "parse_value",
     "read_yaml",
     "to_dict",
     "validate",

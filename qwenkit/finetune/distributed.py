@@ -1,7 +1,7 @@
 """Distributed set-up for fine-tuning: torchrun's environment, PyTorch FSDP2, and tensor helpers that
 work the same on one process (plain tensors) and many (sharded DTensors).
 
-Launch with `torchrun --nproc_per_node N -m qwenkit.finetune.cli CONFIG.yaml`. Each decoder block
+Launch with `torchrun --nproc_per_node N -m qwenkit finetune CONFIG.yaml`. Each decoder block
 is sharded with `fully_shard`, then the root (the model plus its loss head, so that the embeddings
 and the tied LM head are gathered for the whole forward). NCCL on GPUs, gloo on CPU. Only rank 0
 logs and writes shared files.

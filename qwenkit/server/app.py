@@ -21,7 +21,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -479,48 +479,16 @@ async def _collect(http: HTTPRequest, run: _Run) -> list[tuple[str, str, int]] |
         run.cancel()
 
 
-async def _chat_events(
-    run: _Run, head: dict, prompt_tokens: int, tools_on: bool, prefix: str, include_usage: bool
+async def _stream(
+    run: _Run,
+    head: dict,
+    prompt_tokens: int,
+    include_usage: bool,
+    events: Callable[[int, Output], Iterable[dict[str, Any]]],
 ) -> AsyncIterator[dict[str, Any]]:
-    def chunk(i: int, delta: dict, finish: str | None = None) -> dict[str, Any]:
-        return {
-            **head,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-
-    n = len(run.requests)
-    watches = [ToolCallWatch(prefix) if tools_on else None for _ in range(n)]
-    tokens = [0] * n
-    for i in range(n):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    async for merged in run.outputs():
-        for i, out in sorted(merged.items()):
-            if out.error:
-                yield _server_error(out).body()
-                continue
-            tokens[i] = out.tokens
-            text = watches[i].feed(out.text) if watches[i] else out.text
-            if text:
-                yield chunk(i, {"content": text})
-            if out.finish_reason is None:
-                continue
-            finish = out.finish_reason
-            if watches[i]:
-                rest, calls = watches[i].finish()
-                if rest:
-                    yield chunk(i, {"content": rest})
-                if calls:
-                    finish = "tool_calls"
-                    yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
-            yield chunk(i, {}, finish)
-    if include_usage:
-        yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(prompt_tokens, sum(tokens))}
-
-
-async def _completion_events(
-    run: _Run, head: dict, prompt_tokens: int, include_usage: bool
-) -> AsyncIterator[dict[str, Any]]:
+    """A streamed run's events: `events(i, out)` for each output of choice i (choices in order within
+    an engine step), an error body for a failed choice, and the usage chunk last if asked for. The
+    events carry `head` (id, object, created, model)."""
     tokens = [0] * len(run.requests)
     async for merged in run.outputs():
         for i, out in sorted(merged.items()):
@@ -528,10 +496,53 @@ async def _completion_events(
                 yield _server_error(out).body()
                 continue
             tokens[i] = out.tokens
-            if out.text or out.finish_reason:
-                yield {
-                    **head,
-                    "choices": [{"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
-                }
+            for event in events(i, out):
+                yield event
     if include_usage:
         yield {**head, "choices": [], "usage": _usage(prompt_tokens, sum(tokens))}
+
+
+async def _chat_events(
+    run: _Run, head: dict, prompt_tokens: int, tools_on: bool, prefix: str, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed chat completion: the role first, then content deltas; with tools,
+    text inside a tool call is held back and the calls are sent when the choice finishes."""
+    head = {**head, "object": "chat.completion.chunk"}
+    watches = [ToolCallWatch(prefix) if tools_on else None for _ in run.requests]
+
+    def chunk(i: int, delta: dict, finish: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def events(i: int, out: Output) -> Iterator[dict[str, Any]]:
+        text = watches[i].feed(out.text) if watches[i] else out.text
+        if text:
+            yield chunk(i, {"content": text})
+        if out.finish_reason is None:
+            return
+        finish = out.finish_reason
+        if watches[i]:
+            rest, calls = watches[i].finish()
+            if rest:
+                yield chunk(i, {"content": rest})
+            if calls:
+                finish = "tool_calls"
+                yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
+        yield chunk(i, {}, finish)
+
+    for i in range(len(run.requests)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for event in _stream(run, head, prompt_tokens, include_usage, events):
+        yield event
+
+
+def _completion_events(run: _Run, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed completion: each choice's text as it comes, and its finish reason."""
+
+    def events(i: int, out: Output) -> Iterator[dict[str, Any]]:
+        if out.text or out.finish_reason:
+            yield {
+                **head,
+                "choices": [{"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
+            }
+
+    return _stream(run, head, prompt_tokens, include_usage, events)

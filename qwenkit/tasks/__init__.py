@@ -10,14 +10,18 @@
 
 Each module defines its `Task` (the protocol of `base`) as `TASK`; `TASKS` maps a name to it.
 `metrics` holds the metrics as pure functions, `scoring` the log-likelihoods of answers, `hygiene`
-the cleaning of text going in and out, `sandbox` runs generated code, `evaluate` is `qwenkit eval`,
-and `commands` the CLI commands. Importing this package does not import torch.
+the cleaning of text going in and out, `sandbox` runs generated code, and `evaluate` is `qwenkit
+eval`, whose options are `EvalOptions` here. Importing this package does not import torch.
+
+The applications' functions that run the model take it and its tokenizer first (`model`, `tok`,
+not described again in their `Args:`).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,3 +75,39 @@ def sample_data(task: str) -> Path:
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     return DATA / f"{task}.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `evaluate` runs a task, besides its data and the model: `qwenkit eval`'s flags, and
+    `evaluate`'s keyword arguments. A value out of range is a UserError.
+
+    Args:
+        predictions: a JSONL file of rows with `prediction` (or HumanEval's `completion`); no model
+            is needed.
+        limit: use the first N data rows only (with several predictions per row, all of theirs).
+        output: the folder to write (default: eval-TASK).
+        batch_size: rows generated together.
+        max_new_tokens: the longest generation (default: the task's).
+        temperature: sampling temperature (default: the task's: greedy, or the checkpoint's sampling
+            for tasks that sample and with several samples).
+        samples: replies per row, for a generative task (pass@k, for code).
+        timeout: seconds per program, for tasks that run their predictions.
+        seed: random seed for sampled generation.
+    """
+
+    predictions: str | Path | None = None
+    limit: int | None = None
+    output: str | Path | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    samples: int = 1
+    timeout: float = 10.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in ("limit", "max_new_tokens", "samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -166,22 +166,10 @@ def solve(
     return CodeResult(attempts[-1].code, attempts)
 
 
-def generate_code(
-    model: QwenForCausalLM,
-    tok: Tokenizer,
-    task: str,
-    params: SamplingParams,
-    lang: str = "python",
-    tests: str | None = None,
-    entry_point: str | None = None,
-    repair: int = 0,
-    timeout: float = 10.0,
-) -> CodeResult:
-    """`solve` with the model writing the replies. Args as `solve`, plus the model, tokenizer and
-    sampling parameters."""
-    return solve(
-        lambda messages: chat(model, tok, [messages], params)[0].text, task, lang, tests, entry_point, repair, timeout
-    )
+def generate_code(model: QwenForCausalLM, tok: Tokenizer, task: str, params: SamplingParams, **options) -> CodeResult:
+    """`solve` with the model writing the replies, sampled with `params`; the options (lang, tests,
+    entry_point, repair, timeout) as `solve`'s."""
+    return solve(lambda messages: chat(model, tok, [messages], params)[0].text, task, **options)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------

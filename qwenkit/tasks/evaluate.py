@@ -18,7 +18,7 @@ from pathlib import Path
 from qwenkit.errors import DataError, UserError
 from qwenkit.files import atomic_write
 from qwenkit.model import QwenForCausalLM
-from qwenkit.tasks import get_task, sample_data
+from qwenkit.tasks import EvalOptions, get_task, sample_data
 from qwenkit.tasks.base import CategoricalTask, Context, GenerativeTask, Task
 from qwenkit.tasks.jsonl import read_jsonl, write_jsonl
 from qwenkit.tokenizer import Tokenizer
@@ -90,27 +90,18 @@ def limit_predictions(task: Task, rows: Sequence[dict], preds: Sequence[dict], l
 
 
 def generate_predictions(
-    task: Task,
-    model: QwenForCausalLM,
-    tok: Tokenizer,
-    rows: Sequence[dict],
-    *,
-    batch_size: int,
-    max_new_tokens: int | None,
-    temperature: float | None,
-    samples: int,
-    seed: int | None,
+    task: Task, model: QwenForCausalLM, tok: Tokenizer, rows: Sequence[dict], options: EvalOptions
 ) -> list[dict]:
     """The task's predictions for rows: a categorical task scores its answers; a generative one
-    decodes `samples` replies per row, with its own decoding defaults unless the caller's are given."""
+    decodes `options.samples` replies per row, with its own decoding defaults unless the options set them."""
     if isinstance(task, CategoricalTask):
-        if samples != 1:
+        if options.samples != 1:
             raise UserError(f"--samples: {task.name} scores fixed answers, so it has one prediction per row")
-        return task.predict(model, tok, rows, batch_size)
+        return task.predict(model, tok, rows, options.batch_size)
     if not isinstance(task, GenerativeTask):
         raise TypeError(f"task {task.name!r} is neither a GenerativeTask nor a CategoricalTask")
-    params = task.sampling(model, max_new_tokens, temperature, seed, samples)
-    return task.predict(model, tok, [row for row in rows for _ in range(samples)], params, batch_size)
+    params = task.sampling(model, options.max_new_tokens, options.temperature, options.seed, options.samples)
+    return task.predict(model, tok, [row for row in rows for _ in range(options.samples)], params, options.batch_size)
 
 
 def evaluate(
@@ -119,15 +110,7 @@ def evaluate(
     *,
     model: QwenForCausalLM | None = None,
     tok: Tokenizer | None = None,
-    predictions: str | Path | None = None,
-    limit: int | None = None,
-    output: str | Path | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    samples: int = 1,
-    timeout: float = 10.0,
-    seed: int | None = None,
+    **options,
 ) -> dict:
     """Score a task, from predictions or by generating them; write predictions.jsonl and metrics.json.
 
@@ -137,26 +120,18 @@ def evaluate(
         model: a loaded model, to generate predictions; with `predictions` too, it only scores (the
             metrics that need the model, as write's reference perplexity).
         tok: its tokenizer.
-        predictions: a JSONL file of rows with `prediction` (or HumanEval's `completion`); no model
-            is needed.
-        limit: use the first N data rows only (with several predictions per row, all of theirs).
-        output: the folder to write (default: eval-TASK).
-        batch_size: rows generated together.
-        max_new_tokens: the longest generation (default: the task's).
-        temperature: sampling temperature (default: the task's: greedy, or the checkpoint's sampling
-            for tasks that sample and with several samples).
-        samples: replies per row, for a generative task (pass@k, for code).
-        timeout: seconds per program, for tasks that run their predictions.
-        seed: random seed for sampled generation.
+        options: `EvalOptions`' fields, which it documents: predictions, limit, output, batch_size,
+            max_new_tokens, temperature, samples, timeout and seed (another name is a TypeError).
     """
     task = get_task(task) if isinstance(task, str) else task
+    opts = EvalOptions(**options)
     data_path = Path(data) if data is not None else sample_data(task.name)
     preds = None
-    if predictions is not None:
-        lines = read_jsonl(predictions)
+    if opts.predictions is not None:
+        lines = read_jsonl(opts.predictions)
         if not lines:
-            raise DataError("no predictions in the file", file=predictions)
-        preds = [with_prediction(p, n, predictions) for n, p in enumerate(lines, 1)]
+            raise DataError("no predictions in the file", file=opts.predictions)
+        preds = [with_prediction(p, n, opts.predictions) for n, p in enumerate(lines, 1)]
     # Predictions that carry the task's fields are scored as they are; only then is --data not needed.
     standalone = preds is not None and all(has_fields(task, p) for p in preds)
     all_rows = [] if standalone and data is None else read_jsonl(data_path)
@@ -164,35 +139,25 @@ def evaluate(
         raise DataError("no rows in the data file", file=data_path)
     if not standalone:
         task = task.for_data(all_rows)
-    rows = all_rows[:limit]
+    rows = all_rows[: opts.limit]
     started = time.time()
     if preds is not None:
         # Standalone predictions are limited by their own keys, joined ones by the data's first rows.
-        kept = limit_predictions(task, [] if standalone else rows, preds, limit)
-        records = join_predictions(task, rows, kept, predictions)
-        check_rows(task, records, predictions)
+        kept = limit_predictions(task, [] if standalone else rows, preds, opts.limit)
+        records = join_predictions(task, rows, kept, opts.predictions)
+        check_rows(task, records, opts.predictions)
     elif model is not None and tok is not None:
         check_rows(task, rows, data_path)
-        records = generate_predictions(
-            task,
-            model,
-            tok,
-            rows,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            samples=samples,
-            seed=seed,
-        )
+        records = generate_predictions(task, model, tok, rows, opts)
     else:
         raise UserError("give --model to generate predictions, or --predictions FILE to score existing ones")
-    scores, scored = task.score(records, Context(model, tok, batch_size, timeout))
-    out = Path(output) if output is not None else Path(f"eval-{task.name}")
+    scores, scored = task.score(records, Context(model, tok, opts.batch_size, opts.timeout))
+    out = Path(opts.output) if opts.output is not None else Path(f"eval-{task.name}")
     write_jsonl(out / "predictions.jsonl", scored)
     result = {
         "task": task.name,
         "data": None if standalone and data is None else str(data_path),
-        "predictions": str(predictions) if predictions else None,
+        "predictions": str(opts.predictions) if opts.predictions else None,
         **scores,
         "seconds": round(time.time() - started, 2),
     }

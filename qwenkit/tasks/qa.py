@@ -197,8 +197,6 @@ def answer(
     """Answer questions, each closed-book or from its context.
 
     Args:
-        model: the model.
-        tok: its tokenizer.
         questions: the questions.
         contexts: per question, None (closed-book), a passage (a string), or a list of --context
             items (files, folders, or texts) to retrieve passages from.

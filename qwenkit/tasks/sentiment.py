@@ -66,8 +66,6 @@ def label_logprobs(
     """log p(label's assistant turn | text) for every text (rows) and label (columns).
 
     Args:
-        model: the model.
-        tok: its tokenizer.
         texts: the texts.
         labels: the candidate labels.
         batch_size: texts scored together (each adds one row per label to the batch).
@@ -103,8 +101,6 @@ def classify(
     """The most likely label of each text, with the probabilities of all labels.
 
     Args:
-        model: the model.
-        tok: its tokenizer.
         texts: the texts to classify.
         labels: the candidate labels (at least two, distinct).
         batch_size: texts scored together.

@@ -408,8 +408,6 @@ def translate(
     """Translate texts, sentence by sentence, all sentences of all texts batched together.
 
     Args:
-        model: the model.
-        tok: its tokenizer.
         texts: the texts to translate.
         target: the target language (a code or a name).
         params: sampling parameters (greedy is usual).

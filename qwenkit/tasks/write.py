@@ -68,8 +68,6 @@ def write(
     """Write one piece per prompt.
 
     Args:
-        model: the model.
-        tok: its tokenizer.
         prompts: the beginnings to continue, or the prompts of the pieces.
         params: sampling parameters (the checkpoint's defaults suit open-ended writing).
         style: "continue" (the default), "story", "news" or "dialogue".
@@ -99,8 +97,6 @@ def reference_nll(
     number of tokens scored (the reference's text and the end-of-turn token).
 
     Args:
-        model: the model.
-        tok: its tokenizer.
         prompts: the prompts.
         references: one reference text per prompt.
         styles: the style of each prompt (default: "continue").
