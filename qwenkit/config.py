@@ -151,8 +151,15 @@ def _validate(c: QwenConfig) -> None:
 # Shapes as in each checkpoint's config.json, the source above each row (the 14B Instruct twin
 # differs from its base only in max_position_embeddings; the 3B is read from the Omni model's text
 # network, the same one). Each preset's parameter count matches its model card (tests/test_config.py).
-# Columns: hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-# num_key_value_heads, vocab_size, tie_word_embeddings.
+_COLUMNS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 _SHAPES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
     # https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/config.json
     "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
@@ -173,18 +180,9 @@ _SHAPES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
 }
 PRESETS: dict[str, QwenConfig] = {
     name: QwenConfig(
-        hidden_size=C,
-        intermediate_size=I,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
+        **dict(zip(_COLUMNS, shape)), rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768
     )
-    for name, (C, I, layers, heads, kv_heads, vocab, tied) in _SHAPES.items()
+    for name, shape in _SHAPES.items()
 }
 
 

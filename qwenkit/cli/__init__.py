@@ -1,10 +1,12 @@
 """The `qwenkit` command: one parser over the command groups, and one error handler.
 
 Each command is a typed function in the module of its group (run, serve, demo, apps); its
-signature becomes its flags and its docstring its --help (qwenkit.cli.signature). `finetune` parses
-its own arguments, a recipe's keys, but runs under the same handler. An error the user can act on
-(a QwenkitError, or a missing file) is printed as one line, `qwenkit COMMAND: error: MESSAGE`,
-with exit status 2; Ctrl-C exits with 130. Nothing outside this package imports it.
+signature becomes its flags and its docstring its --help (qwenkit.cli.signature). `finetune`'s
+flags are a recipe's keys, built from FinetuneConfig's fields by the same machinery when the
+command runs (so that `qwenkit --help` imports no torch), and it runs under the same handler.
+An error the user can act on (a QwenkitError, or a missing file) is printed as one line,
+`qwenkit COMMAND: error: MESSAGE`, with exit status 2; Ctrl-C exits with 130. Nothing outside this
+package imports it.
 """
 
 from __future__ import annotations

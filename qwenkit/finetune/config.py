@@ -163,6 +163,22 @@ def _bad(key: str, why: str):
     raise RecipeError(f"key '{key}': {why}")
 
 
+def _number(key: str, value: Any, kind: type) -> int | float:
+    """`value` as an int or a float: a number (an integral float for an int) or its text; a bool
+    is neither."""
+    if not isinstance(value, bool):
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    _bad(key, f"must be {'an integer' if kind is int else 'a number'}; got {value!r}")
+
+
 def _coerce(key: str, value: Any, kind) -> Any:
     """`value` as type `kind` (from the dataclass annotation), or a RecipeError naming the key."""
     origin, args = get_origin(kind), get_args(kind)
@@ -195,30 +211,8 @@ def _coerce(key: str, value: Any, kind) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
         _bad(key, f"must be true or false; got {value!r}")
-    if kind is int:
-        if isinstance(value, bool):
-            _bad(key, f"must be an integer; got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        _bad(key, f"must be an integer; got {value!r}")
-    if kind is float:
-        if isinstance(value, bool):
-            _bad(key, f"must be a number; got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _bad(key, f"must be a number; got {value!r}")
+    if kind in (int, float):
+        return _number(key, value, kind)
     if kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
