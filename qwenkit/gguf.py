@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 from qwenkit.config import ConfigError, QwenConfig, YarnScaling
 from qwenkit.config import torch_dtype as torch_dtype_named
 from qwenkit.errors import GGUFError
-from qwenkit.files import install_dir
+from qwenkit.files import install_dir, temporary_name
 from qwenkit.model import QwenForCausalLM
 from qwenkit.qwen_vocab import QWEN2_PATTERN, bytes_to_unicode
 from qwenkit.tokenizer import added_tokens_decoder
@@ -128,7 +127,7 @@ def convert_gguf(
     backend, tokenizer_config = tokenizer_from_metadata(meta, where=str(path))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_name(out)
     try:
         model = _build_model(tensors, config, path, torch_dtype, progress)
         model.generation_config = generation_config_from_metadata(meta)

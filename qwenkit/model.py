@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint as checkpoint_activations
 
 from qwenkit import checkpoint, generate
 from qwenkit.cache import KVCache
-from qwenkit.config import QwenConfig, from_hf_config
+from qwenkit.config import QwenConfig, YarnScaling, from_hf_config
 
 IGNORE_INDEX = -100
 
@@ -57,8 +57,8 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute inv_freq; needed after building on the meta device."""
         c, dim = self.config, self.config.dim_per_head
-        device = device or self.inv_freq.device
-        if device == torch.device("meta"):
+        device = torch.device(device) if device is not None else self.inv_freq.device
+        if device.type == "meta":
             return
         exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
         inv_freq = 1.0 / (c.rope_theta**exponents)  # (D/2,)
@@ -72,7 +72,7 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
 
 
-def _yarn_inv_freq(inv_freq: torch.Tensor, base: float, dim: int, s) -> torch.Tensor:
+def _yarn_inv_freq(inv_freq: torch.Tensor, base: float, dim: int, s: YarnScaling) -> torch.Tensor:
     """YaRN (arXiv:2309.00071): interpolate low frequencies by `factor`, keep high ones, ramp between."""
 
     def correction_dim(rotations: float) -> float:
@@ -244,21 +244,25 @@ class QwenForCausalLM(nn.Module):
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.output_weight())
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """The final-normed hidden states (B, T, C), before the LM head: what a chunked loss needs."""
+        """The final-normed hidden states (B, T, C), before the LM head: what a chunked loss needs.
+        With a cache, the new tokens first take the next slots of their rows (cache.extend), and
+        each block writes their keys and values there."""
         B, T = input_ids.shape
         real = None if attention_mask is None else attention_mask.bool()  # (B, T); None: every token is real
-        if cache is not None:  # the new tokens take the next slots of their rows
-            slots, positions = cache.extend(T, real)  # (B, T) each
-            keys_real = cache.valid[:, : int(slots.max()) + 1]  # (B, S)
-        else:
+        if cache is not None:
+            slots, rope_positions = cache.extend(T, real)  # (B, T) each
+            keys_real = cache.valid[:, : int(slots.max()) + 1]  # (B, S): S, the longest row's new end
+        else:  # the queries are the keys, slots 0..T-1
             slots = torch.arange(T, device=input_ids.device).expand(B, T)
-            positions = slots if real is None else (real.long().cumsum(-1) - 1).clamp(min=0)
+            rope_positions = slots if real is None else (real.long().cumsum(-1) - 1).clamp(min=0)
             keys_real = torch.ones_like(slots, dtype=torch.bool) if real is None else real
-        packed = position_ids is not None and cache is None
-        position_ids = positions if position_ids is None else position_ids
-        mask = attention_mask_for(slots, keys_real, position_ids if packed else None)  # (B, 1, T, S)
+        # Explicit positions without a cache are packed samples: each restart at 0 begins a new one.
+        samples = position_ids if cache is None else None
+        if position_ids is not None:
+            rope_positions = position_ids
+        mask = attention_mask_for(slots, keys_real, samples)  # (B, 1, T, S)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, D) each
+        cos, sin = self.model.rotary_emb(rope_positions, x.dtype)  # (B, T, D) each
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint_activations(block, x, cos, sin, mask, use_reentrant=False)
@@ -268,8 +272,8 @@ class QwenForCausalLM(nn.Module):
 
     def decoder(self, cache: KVCache) -> Callable[..., torch.Tensor]:
         """The decoding step of one generation over `cache`: tokens (B,) [, attention_mask (B,)] ->
-        next logits (B, vocab). This is the plain model's; an accelerator applied to a model
-        (qwenkit.cpu.accelerate) replaces this method on it with its own."""
+        next logits (B, vocab). This is the plain model's; qwenkit.cpu.accelerate retypes a model
+        as a subclass whose decoder is native."""
         return functools.partial(generate.decode_step, self, cache=cache)
 
     def save_pretrained(self, out_dir, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:

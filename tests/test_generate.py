@@ -100,6 +100,21 @@ def test_generation_config_supplies_defaults():
         SamplingParams.from_model(model, temprature=0.5)
 
 
+def test_one_temperature_rule_for_every_caller():
+    from qwenkit.errors import UserError
+
+    model = random_model(tiny_config())
+    model.generation_config = {"do_sample": False, "temperature": 0.7}
+    assert not SamplingParams.from_model(model).do_sample  # the checkpoint's own choice stands
+    assert SamplingParams.from_model(model, temperature=0.9).do_sample  # a temperature asks for sampling
+    assert not SamplingParams.from_model(model, temperature=0).do_sample  # 0 is greedy
+    assert not SamplingParams.from_model(model, temperature=0.9, do_sample=False).do_sample  # explicit wins
+    model.generation_config = {"do_sample": True, "temperature": 0.0}
+    assert not SamplingParams.from_model(model).do_sample  # a checkpoint's temperature 0 is greedy too
+    with pytest.raises(UserError, match="temperature must be >= 0"):
+        SamplingParams.from_model(model, temperature=-0.5)
+
+
 def test_yields_one_token_per_row_per_step():
     model = random_model(tiny_config())
     ids = torch.randint(0, 512, (3, 4))
