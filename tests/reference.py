@@ -44,6 +44,11 @@ def write_run_files(root: Path, model: QwenForCausalLM, tok, rows) -> Path:
     return root
 
 
+def run_flags(root: Path, method: str) -> list[str]:
+    """`qwenkit finetune`'s flags for the run files of `write_run_files` in `root`."""
+    return ["--model", str(root / "model"), "--data", str(root / "train.jsonl"), "--method", method]
+
+
 def hf_config(config: QwenConfig):
     from transformers import AutoConfig
 

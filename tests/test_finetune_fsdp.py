@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import random_model, tiny_config, write_run_files
+from reference import random_model, run_flags, tiny_config, write_run_files
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parent.parent
@@ -68,12 +68,7 @@ def files(tmp_path_factory, tok_qwen):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_processes_match_one_with_the_same_global_batch(files, tmp_path, method):
     common = [
-        "--model",
-        str(files / "model"),
-        "--data",
-        str(files / "train.jsonl"),
-        "--method",
-        method,
+        *run_flags(files, method),
         "--lr",
         "2e-3",
         "--max-steps",
@@ -123,12 +118,7 @@ finetune(cfg, callbacks=[kill], progress=False)
 @pytest.mark.parametrize("fmt", ["sharded", "full"])
 def test_fsdp_checkpoints_resume_exactly(files, tmp_path, fmt):
     common = [
-        "--model",
-        str(files / "model"),
-        "--data",
-        str(files / "train.jsonl"),
-        "--method",
-        "full",
+        *run_flags(files, "full"),
         "--lr",
         "2e-3",
         "--max-steps",

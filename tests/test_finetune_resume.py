@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reference import random_model, tiny_config, write_run_files
+from reference import random_model, run_flags, tiny_config, write_run_files
 
 ROOT = Path(__file__).parent.parent
 # Kills its own process at a given step, from inside the training loop: a real SIGKILL, mid-run.
@@ -57,12 +57,7 @@ def test_sigkill_and_resume_gives_identical_losses(files, tmp_path, method):
     # 24 training rows / (3 x 2) = 4 steps per epoch: the kill lands in the second epoch, between
     # checkpoints, with dropout drawing random numbers and the top layers still frozen.
     args = [
-        "--model",
-        str(files / "model"),
-        "--data",
-        str(files / "train.jsonl"),
-        "--method",
-        method,
+        *run_flags(files, method),
         "--lr",
         "3e-3",
         "--batch-size",
