@@ -298,7 +298,7 @@ def test_the_stack_decodes_batched_rows_as_rows_alone_bit_for_bit(dtype):
         assert torch.equal(alone[0], batched[r])
 
 
-def test_the_stack_steps_aside_for_lora_int8_and_hooks(monkeypatch):
+def test_the_stack_steps_aside_for_lora_and_hooks_and_takes_quantized_blocks(monkeypatch):
     from reference import tiny_config
 
     from qwenkit.lora import apply_lora
@@ -318,14 +318,19 @@ def test_the_stack_steps_aside_for_lora_int8_and_hooks(monkeypatch):
         assert calls == [] and len(hooked) == 3  # the prefill and both steps ran the hooked module
         handle.remove()
 
-    for transform in (lambda m: apply_lora(m, r=4), quantize):
-        model = _accelerated(tiny_config())
-        _decode(model, ids, mask, 2, torch.float32)
-        calls.clear()
-        transform(model)  # the model changes in place between two generations...
-        steps, _ = _decode(model, ids, mask, 2, torch.float32)
-        assert calls == []  # ...and the next one runs the changed blocks module by module
-        assert torch.isfinite(steps).all()
+    model = _accelerated(tiny_config())
+    _decode(model, ids, mask, 2, torch.float32)
+    calls.clear()
+    apply_lora(model, r=4)  # the model changes in place between two generations...
+    steps, _ = _decode(model, ids, mask, 2, torch.float32)
+    assert calls == []  # ...and the next one runs the changed blocks module by module
+    assert torch.isfinite(steps).all()
+
+    model = _accelerated(tiny_config(hidden_size=64, intermediate_size=128))
+    calls.clear()
+    quantize(model)  # Q8_0 blocks: decode.c runs them in the same one call
+    steps, _ = _decode(model, ids, mask, 2, torch.float32)
+    assert len(calls) == 2 and torch.isfinite(steps).all()
 
 
 def test_the_stack_follows_a_model_moved_to_another_dtype(monkeypatch):
@@ -392,54 +397,3 @@ def test_the_model_module_imports_no_kernel_code():
     code = "import sys, qwenkit.model; print(sorted(m for m in sys.modules if m.startswith('qwenkit.cpu')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-@pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("in_features", [896, 77])
-def test_gemv_int8_equals_the_dequantized_product(rows, in_features):
-    from qwenkit.quant import Int8Linear
-
-    g = torch.Generator().manual_seed(rows + in_features)
-    layer = Int8Linear(torch.randn(300, in_features, generator=g) * 0.05, None)
-    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
-    y = ops.gemv_int8(x, layer.weight_int8, layer.scale)
-    expected = x.double() @ layer.dequantized_weight().double().t()
-    assert y.dtype == torch.float32 and y.shape == (rows, 300)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-    if in_features % 16 == 0:  # torch's kernel takes no other widths (see Int8Linear.forward)
-        torch_kernel = torch._weight_int8pack_mm(x, layer.weight_int8, layer.scale)  # bf16 out
-        torch.testing.assert_close(y.to(torch.bfloat16), torch_kernel, rtol=2**-7, atol=1e-3)
-    for r in range(rows):  # rows alone equal the batch, bit for bit
-        assert torch.equal(ops.gemv_int8(x[r : r + 1], layer.weight_int8, layer.scale), y[r : r + 1])
-
-
-def test_int8_layers_decode_through_the_kernel(monkeypatch):
-    from qwenkit.cpu.layers import StreamingInt8Linear
-    from qwenkit.quant import Int8Linear
-
-    calls = []
-    real = ops.gemv_int8
-    monkeypatch.setattr(ops, "gemv_int8", lambda *a: calls.append(1) or real(*a))
-    layer = Int8Linear(torch.randn(64, 32), torch.randn(64))
-    layer.__class__ = StreamingInt8Linear
-    x = torch.randn(2, 1, 32)
-    with torch.no_grad():
-        native = layer(x)
-        monkeypatch.setattr(ops, "gemv_int8", lambda *a: None)
-        reference = layer(x)  # torch's int8 kernel
-    assert calls == [1] and native.shape == (2, 1, 64)
-    torch.testing.assert_close(native, reference, rtol=2**-7, atol=1e-2)
-
-
-def test_int8_layers_of_any_width_run_in_every_path():
-    from qwenkit.cpu.layers import StreamingInt8Linear
-    from qwenkit.quant import Int8Linear
-
-    layer = Int8Linear(torch.randn(64, 77), None)  # 77: a width torch's int8 kernel crashes on
-    layer.__class__ = StreamingInt8Linear
-    for rows in (1, 12):  # the native kernel, then a product too large for it
-        x = torch.randn(rows, 77)
-        with torch.no_grad():
-            y = layer(x)
-        expected = x.to(torch.bfloat16).float() @ layer.dequantized_weight().t()
-        torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)

@@ -3,7 +3,7 @@
 `accelerate(model)` is the one place it is applied (qwenkit.hub and `qwenkit.load_model` call it
 for a model on the CPU). It does two things, in place, and returns the model:
 
-1. It retypes the model's nn.Linear, RMSNorm, Attention and Int8Linear modules as their streaming
+1. It retypes the model's nn.Linear, RMSNorm, Attention, QuantLinear and QuantEmbedding modules as their streaming
    subclasses (qwenkit.cpu.layers), which keep every parameter and name: a product of a few rows
    streams its weight on every core, and anything else runs the module's own forward. (Retyping a
    module in place, as FSDP2's fully_shard does, keeps its parameters, buffers and hooks.)
@@ -11,7 +11,7 @@ for a model on the CPU). It does two things, in place, and returns the model:
    decoder (`model.decoder(cache)`, which qwenkit.generate asks for once per generation) is
    `make_decoder`, which looks at the model then. Where every block is plain, each decoding step
    runs all the blocks and the final norm in one native call (qwenkit.cpu.stack); where one is
-   not (a LoRA or int8 layer), the blocks run module by module on the streaming layers; where a
+   not (a LoRA layer), the blocks run module by module on the streaming layers; where a
    forward hook is registered anywhere, it is the plain model's step, so the hook sees every
    module run. A change made to the model during a generation is seen by the next one, and layers
    added since (qwenkit.quantize, merge_lora) are made streaming then.

@@ -24,11 +24,20 @@ from qwenkit.files import atomic_path, cache_dir
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.c"))
 HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of the build's key
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# The instruction sets a build targets. qwenkit builds "native"; the others compile csrc's other
+# paths (AVX-VNNI, AVX2, plain C), which the tests run on a machine that has AVX-512 too.
+VARIANTS = {
+    "native": ["-march=native"],
+    "avx-vnni": ["-march=x86-64-v3", "-mavxvnni"],
+    "avx2": ["-march=x86-64-v3"],
+    "portable": ["-march=x86-64", "-O2"],  # -O3 takes a minute here: GCC lowers 64-byte vectors to SSE2
+}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_variants: dict[str, ctypes.CDLL] = {}
 
 
 def enabled() -> bool:
@@ -51,15 +60,17 @@ def _machine_key() -> str:
     return platform.machine() + flags
 
 
-def build(cc: str) -> Path:
-    """The compiled library for this machine, built now unless the cache has it."""
-    parts = [p.read_bytes() for p in SOURCES + HEADERS] + [cc.encode(), " ".join(FLAGS).encode()]
+def build(cc: str, variant: str = "native") -> Path:
+    """The compiled library for this machine (or another VARIANTS target), built now unless the
+    cache has it."""
+    flags = [*FLAGS, *VARIANTS[variant]]
+    parts = [p.read_bytes() for p in SOURCES + HEADERS] + [cc.encode(), " ".join(flags).encode()]
     key = hashlib.sha256(b"\0".join(parts + [_machine_key().encode()])).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"qwenkit-{key}.so"
     if not target.exists():
         # A concurrent build, or a killed one, never leaves half a library under the final name.
         with atomic_path(target) as tmp:
-            command = [cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp)]
+            command = [cc, *flags, *map(str, SOURCES), "-o", str(tmp)]
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
     return target
 
@@ -74,6 +85,17 @@ def library() -> ctypes.CDLL | None:
             if not _tried:
                 _lib, _tried = _load(), True
     return _lib
+
+
+def variant(name: str) -> ctypes.CDLL:
+    """A build of the kernels for another instruction set (VARIANTS), for the tests; it runs only
+    on a CPU that has that set. Raises where it cannot be built."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    if name not in _variants:
+        _variants[name] = ctypes.CDLL(str(build(cc, name)))
+    return _variants[name]
 
 
 def _load() -> ctypes.CDLL | None:

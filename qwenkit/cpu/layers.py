@@ -16,7 +16,7 @@ from torch import nn
 
 from qwenkit.cpu import ops
 from qwenkit.model import Attention, RMSNorm
-from qwenkit.quant import Int8Linear
+from qwenkit.quant import QuantEmbedding, QuantLinear
 
 
 def decoding(x: torch.Tensor, width: int) -> bool:
@@ -36,14 +36,26 @@ class StreamingRMSNorm(RMSNorm):
         return super().forward(x) if y is None else y
 
 
-class StreamingInt8Linear(Int8Linear):
+class StreamingQuantLinear(QuantLinear):
+    """A few rows: csrc/quant.c's product over the blocks as they are. More (prefill): tiles of rows
+    dequantized natively into a matmul, never the whole weight at once."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Activations rounded to bf16 first, as the parent's torch kernel takes them.
-        y = ops.gemv_int8(x.to(torch.bfloat16), self.weight_int8, self.scale) if decoding(x, self.in_features) else None
-        if y is None:
-            return super().forward(x)
-        y = y.to(x.dtype)  # (..., out): the kernel accumulates in fp32
-        return y if self.bias is None else y + self.bias
+        if decoding(x, self.in_features):
+            y = ops.qgemv(x, self.blocks, self.qtype, self.bias)  # (..., out) fp32
+            if y is not None:
+                return y.to(x.dtype)
+        return super().forward(x)
+
+    def dequantize_rows(self, n0: int, n1: int) -> torch.Tensor:
+        w = ops.dequantize(self.blocks[n0:n1], self.qtype, self.in_features)
+        return super().dequantize_rows(n0, n1) if w is None else w
+
+
+class StreamingQuantEmbedding(QuantEmbedding):
+    def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
+        w = ops.dequantize(rows.contiguous(), self.qtype, self.embedding_dim)
+        return super().dequantize(rows) if w is None else w
 
 
 class StreamingAttention(Attention):
@@ -67,7 +79,8 @@ STREAMING: dict[type, type] = {
     nn.Linear: StreamingLinear,
     RMSNorm: StreamingRMSNorm,
     Attention: StreamingAttention,
-    Int8Linear: StreamingInt8Linear,
+    QuantLinear: StreamingQuantLinear,
+    QuantEmbedding: StreamingQuantEmbedding,
 }
 
 

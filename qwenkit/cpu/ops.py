@@ -28,31 +28,46 @@ SIGNATURES: dict[str, tuple[tuple[str, type], ...]] = {
                          ("slot", _P), ("valid", _P), ("out", _P), ("B", _L), ("H", _L), ("K", _L), ("S", _L),
                          ("D", _L), ("threads", _I)),
     "rms_norm": (("x", _P), ("w", _P), ("y", _P), ("rows", _L), ("C", _L), ("eps", _F)),
-    "decode_layers": (("p", _P), ("L", _L), ("final_norm", _P), ("x", _P), ("cos", _P), ("sin", _P), ("slot", _P),
-                      ("valid", _P), ("B", _L), ("C", _L), ("H", _L), ("K", _L), ("S", _L), ("D", _L), ("I", _L),
-                      ("eps", _F), ("threads", _I)),
+    "decode_layers": (("p", _P), ("types", _P), ("L", _L), ("final_norm", _P), ("x", _P), ("cos", _P), ("sin", _P),
+                      ("slot", _P), ("valid", _P), ("B", _L), ("C", _L), ("H", _L), ("K", _L), ("S", _L), ("D", _L),
+                      ("I", _L), ("eps", _F), ("threads", _I)),
+    "qgemv": (("x", _P), ("w", _P), ("wtype", _I), ("b", _P), ("y", _P), ("M", _L), ("N", _L), ("K", _L),
+              ("threads", _I)),
+    "dequantize": (("w", _P), ("wtype", _I), ("rows", _L), ("K", _L), ("out", _P), ("threads", _I)),
+    "quantize_activations": (("x", _P), ("M", _L), ("K", _L), ("q", _P), ("d", _P)),
 }  # fmt: skip
-# Each kernel is compiled once per dtype; gemv also for int8 weights (qwenkit.quant's layout).
+# The first four kernels are compiled once per dtype; the block formats' (csrc/quant.c) take the
+# format as an argument.
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-EXPORTS = {f"qwenkit_{name}_{suffix}": name for name in SIGNATURES for suffix in SUFFIXES.values()}
-EXPORTS["qwenkit_gemv_int8"] = "gemv"
+_TYPED = ("gemv", "decode_attention", "rms_norm", "decode_layers")
+EXPORTS = {f"qwenkit_{name}_{suffix}": name for name in _TYPED for suffix in SUFFIXES.values()}
+EXPORTS.update({f"qwenkit_{name}": name for name in SIGNATURES if name not in _TYPED})
+
+# The GGUF tensor types quant.c reads, by ggml's number for each (gguf.GGMLQuantizationType's), with
+# (weights, bytes) per block.
+BLOCK_FORMATS: dict[str, tuple[int, int, int]] = {
+    "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
+}  # fmt: skip
 
 _functions: dict[str, ctypes._CFuncPtr] = {}
 
 
-def function(name: str, dtype: torch.dtype | None = None):
+def function(name: str, dtype: torch.dtype | None = None, lib: ctypes.CDLL | None = None):
     """The typed ctypes function `qwenkit_{name}_{dtype}` (or the exact export name), or None
-    where the library is unavailable or there is no variant for this dtype."""
-    lib = build.library()
+    where the library is unavailable or there is no variant for this dtype. `lib`: another build
+    of the kernels (build.variant's) instead of this machine's."""
+    if lib is None:
+        lib = build.library()
     if lib is None:
         return None
     export = name if dtype is None else f"qwenkit_{name}_{SUFFIXES.get(dtype, '')}"
-    fn = _functions.get(export)
+    fn = _functions.get((id(lib), export))
     if fn is None and export in EXPORTS:
         fn = getattr(lib, export)
         fn.argtypes = [kind for _, kind in SIGNATURES[EXPORTS[export]]]
         fn.restype = ctypes.c_int
-        _functions[export] = fn
+        _functions[(id(lib), export)] = fn
     return fn
 
 
@@ -81,25 +96,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     b = None if bias is None else bias.contiguous().data_ptr()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
     _check(fn(x.data_ptr(), weight.data_ptr(), None, b, y.data_ptr(), M, N, K, torch.get_num_threads()), "gemv")
-    return y
-
-
-def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """(x @ weight.T) * scale in fp32 for up to MAX_ROWS rows of x (..., K): int8 weights (N, K) with
-    one bf16 scale per output row (qwenkit.quant's layout). None where the kernel does not apply."""
-    N, K = weight.shape
-    M = x.numel() // K if K else 0
-    if not 0 < M <= MAX_ROWS or not x.is_cpu or not weight.is_cpu or weight.dtype != torch.int8:
-        return None
-    if not weight.is_contiguous() or scale.dtype != torch.bfloat16 or scale.shape != (N,) or not scale.is_contiguous():
-        return None
-    fn = function("qwenkit_gemv_int8")
-    if fn is None:
-        return None
-    x = x.float().contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    status = fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), None, y.data_ptr(), M, N, K, torch.get_num_threads())
-    _check(status, "gemv_int8")
     return y
 
 
@@ -148,3 +144,61 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, valid) -> torch
     pointers = (t.data_ptr() for t in (q, k, v, cos, sin, k_cache, v_cache, slots, valid, out))
     _check(fn(*pointers, B, q.shape[-1] // D, K, S, D, torch.get_num_threads()), "decode_attention")
     return out
+
+
+def row_bytes(qtype: str, K: int) -> int:
+    """The bytes of a row of K weights in a block format, or 0 where K is not a whole number of
+    its blocks."""
+    _, size, nbytes = BLOCK_FORMATS[qtype]
+    return K // size * nbytes if K > 0 and K % size == 0 else 0
+
+
+def qgemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None, lib=None):
+    """`x @ W.T (+ bias)` in fp32 for up to MAX_ROWS rows of x (..., K), W the weights in `blocks`
+    (N, row bytes) uint8 of a block format (BLOCK_FORMATS), x quantized to int8 in blocks of 32
+    first (not for F16); or None where the kernel does not apply."""
+    N, K = blocks.shape[0], x.shape[-1]
+    M = x.numel() // K if K else 0
+    if not 0 < M <= MAX_ROWS or not x.is_cpu or not blocks.is_cpu or blocks.dtype != torch.uint8:
+        return None
+    if blocks.shape[1:] != (row_bytes(qtype, K),) or not blocks.is_contiguous() or blocks.shape[1] == 0:
+        return None
+    if bias is not None and (bias.shape != (N,) or bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    fn = function("qwenkit_qgemv", lib=lib)
+    if fn is None:
+        return None
+    x = x.float().contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    b = None if bias is None else bias.data_ptr()
+    wtype = BLOCK_FORMATS[qtype][0]
+    _check(fn(x.data_ptr(), blocks.data_ptr(), wtype, b, y.data_ptr(), M, N, K, torch.get_num_threads()), "qgemv")
+    return y
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, K: int, lib=None) -> torch.Tensor | None:
+    """The fp32 weights (rows, K) of `blocks` (rows, row bytes) uint8 in a block format, or None
+    where the kernel is unavailable."""
+    if blocks.dtype != torch.uint8 or blocks.shape[-1:] != (row_bytes(qtype, K),) or not blocks.is_contiguous():
+        return None
+    fn = function("qwenkit_dequantize", lib=lib)
+    if fn is None:
+        return None
+    rows = blocks.numel() // blocks.shape[-1] if blocks.shape[-1] else 0
+    out = torch.empty(*blocks.shape[:-1], K, dtype=torch.float32)
+    _check(fn(blocks.data_ptr(), BLOCK_FORMATS[qtype][0], rows, K, out.data_ptr(), torch.get_num_threads()),
+           "dequantize")  # fmt: skip
+    return out
+
+
+def quantize_activations(x: torch.Tensor, lib=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x (M, K) as qgemv quantizes it: int8 q (M, K) and an fp32 scale per 32 values, d (M, K / 32),
+    so that q * d (per block) is what the products use. None where the kernel is unavailable."""
+    fn = function("qwenkit_quantize_activations", lib=lib)
+    if fn is None:
+        return None
+    M, K = x.shape
+    x = x.float().contiguous()
+    q, d = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32, dtype=torch.float32)
+    _check(fn(x.data_ptr(), M, K, q.data_ptr(), d.data_ptr()), "quantize_activations")
+    return q, d

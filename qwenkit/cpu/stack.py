@@ -1,7 +1,7 @@
 """A whole decoding step through every block in one native call (csrc/decode.c).
 
 `DecodeStack.build(model, cache)` checks, once per generation, that every block is exactly as
-qwenkit.model builds it (no LoRA or int8 layer, no bias where Qwen2 has none, no hook), and binds
+qwenkit.model builds it (no LoRA layer, no bias where Qwen2 has none, no hook), and binds
 each block's tensors and the cache's storage, in the layout `BlockTensors` defines and decode.c
 indexes. `NativeDecoder` is the decoding step qwenkit.cpu gives a model: the embedding, the
 rotary tables and the cache's bookkeeping in PyTorch, the blocks and the final norm in one call
@@ -22,11 +22,15 @@ from torch import nn
 from qwenkit import generate
 from qwenkit.cache import KVCache
 from qwenkit.cpu import ops
-from qwenkit.cpu.layers import StreamingAttention, StreamingLinear, StreamingRMSNorm, stream
+from qwenkit.cpu.layers import StreamingAttention, StreamingLinear, StreamingQuantLinear, StreamingRMSNorm, stream
 from qwenkit.model import MLP, Attention, Block, QwenForCausalLM, RMSNorm
+from qwenkit.quant import QuantLinear, row_bytes
 
 _NORMS = (RMSNorm, StreamingRMSNorm)
 _LINEARS = (nn.Linear, StreamingLinear)
+_QUANT = (QuantLinear, StreamingQuantLinear)
+# the ggml type number decode.c takes for weights in the activations' dtype
+_DTYPE_TYPES = {torch.float32: 0, torch.bfloat16: 30}
 
 
 class BlockTensors(NamedTuple):
@@ -55,7 +59,8 @@ def _hooked(module: nn.Module) -> bool:
 
 def block_tensors(block: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor) -> BlockTensors | None:
     """A block's tensors, or None where the block is not exactly as qwenkit.model builds it (a LoRA
-    or int8 layer, a bias on o/gate/up/down, a hook), so that decode.c would compute another thing."""
+    layer, a bias on o/gate/up/down, a hook), so that decode.c would compute another thing. A
+    projection in a GGUF block format (QuantLinear) gives its blocks (out, row bytes) uint8."""
     if type(block) is not Block:
         return None
     attn, mlp = block.self_attn, block.mlp
@@ -63,28 +68,44 @@ def block_tensors(block: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor
     if type(attn) not in (Attention, StreamingAttention) or type(mlp) is not MLP:
         return None
     projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if any(type(m) not in _LINEARS for m in projections) or any(type(m) not in _NORMS for m in norms):
+    if any(type(m) not in _LINEARS + _QUANT for m in projections) or any(type(m) not in _NORMS for m in norms):
         return None
     if any(_hooked(m) for m in (block, attn, mlp, *norms, *projections)):
         return None
     if any(m.bias is not None for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
         return None
-    q, k, v, o, gate, up, down = projections
+    q, k, v, o, gate, up, down = (m.blocks if isinstance(m, QuantLinear) else m.weight for m in projections)
     return BlockTensors(
-        norms[0].weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight,
-        norms[1].weight, gate.weight, up.weight, down.weight, k_cache, v_cache,
+        norms[0].weight, q, attn.q_proj.bias, k, attn.k_proj.bias, v, attn.v_proj.bias, o,
+        norms[1].weight, gate, up, down, k_cache, v_cache,
     )  # fmt: skip
+
+
+def block_types(block: nn.Module, dtype: torch.dtype) -> list[int]:
+    """The ggml type number of each of a block's tensors (BlockTensors' order) as decode.c reads
+    them: a QuantLinear's format, else the activations' dtype."""
+    types = [_DTYPE_TYPES[dtype]] * len(BlockTensors._fields)
+    attn, mlp = block.self_attn, block.mlp
+    modules = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
+               "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}  # fmt: skip
+    for name, module in modules.items():
+        if isinstance(module, QuantLinear):
+            types[BlockTensors._fields.index(name)] = ops.BLOCK_FORMATS[module.qtype][0]
+    return types
 
 
 class DecodeStack:
     """Every block of a model over one cache, bound for decode.c. Build with `DecodeStack.build`."""
 
-    def __init__(self, fn, blocks: list[BlockTensors], final_norm: torch.Tensor, eps: float, dims: tuple):
+    def __init__(self, fn, blocks: list[BlockTensors], types: list[list[int]] | None, final_norm: torch.Tensor,
+                 eps: float, dims: tuple):  # fmt: skip
         self._fn, self.blocks, self.final_norm, self.eps, self.dims = fn, blocks, final_norm, eps, dims
         self.dtype = final_norm.dtype
         # The blocks' tensors stay referenced here as long as the pointers are in use.
         pointers = [None if t is None else t.data_ptr() for block in blocks for t in block]
         self._pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        flat = None if types is None else [t for block in types for t in block]
+        self._types = None if flat is None else (ctypes.c_int32 * len(flat))(*flat)
 
     @classmethod
     def build(cls, model: QwenForCausalLM, cache: KVCache) -> DecodeStack | None:
@@ -94,26 +115,35 @@ class DecodeStack:
         norm = model.model.norm
         if type(norm) not in _NORMS or _hooked(norm) or not model.model.layers:
             return None
-        blocks = [block_tensors(b, cache.k[i], cache.v[i]) for i, b in enumerate(model.model.layers)]
-        if None in blocks:
+        layers = model.model.layers
+        blocks = [block_tensors(b, cache.k[i], cache.v[i]) for i, b in enumerate(layers)]
+        if None in blocks or norm.weight.dtype not in _DTYPE_TYPES:
             return None
         dtype = norm.weight.dtype
+        types = [block_types(b, dtype) for b in layers]
         B, K, S, D = blocks[0].k_cache.shape
-        (HD, C), I = blocks[0].q_proj.shape, blocks[0].gate_proj.shape[0]
+        C, HD = norm.weight.shape[0], layers[0].self_attn.q_proj.out_features
+        I = layers[0].mlp.gate_proj.out_features
         shapes = BlockTensors(
             (C,), (HD, C), (HD,), (K * D, C), (K * D,), (K * D, C), (K * D,), (C, HD),
             (C,), (I, C), (I, C), (C, I), (B, K, S, D), (B, K, S, D),
         )  # fmt: skip
-        for block in blocks:
-            for t, shape in zip(block, shapes):
-                if t is not None and (t.shape != shape or t.dtype != dtype or not t.is_cpu or not t.is_contiguous()):
+        for block, kinds in zip(blocks, types):
+            for t, shape, kind in zip(block, shapes, kinds):
+                if kind != _DTYPE_TYPES[dtype]:  # a block format: uint8 rows of blocks
+                    qtype = next(q for q, (number, _, _) in ops.BLOCK_FORMATS.items() if number == kind)
+                    shape, want = (shape[0], row_bytes(qtype, shape[1])), torch.uint8
+                else:
+                    want = dtype
+                if t is not None and (t.shape != shape or t.dtype != want or not t.is_cpu or not t.is_contiguous()):
                     return None
         if norm.weight.shape != (C,) or not norm.weight.is_cpu or not 0 < B <= ops.MAX_ROWS or HD % D:
             return None
         fn = ops.function("decode_layers", dtype)
         if fn is None:
             return None
-        return cls(fn, blocks, norm.weight, norm.eps, (B, C, HD // D, K, S, D, I))
+        plain = all(kind == _DTYPE_TYPES[dtype] for kinds in types for kind in kinds)
+        return cls(fn, blocks, None if plain else types, norm.weight, norm.eps, (B, C, HD // D, K, S, D, I))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -132,7 +162,7 @@ class DecodeStack:
                 )
         out = x.clone()  # (B, 1, C): the residual stream, updated in place
         pointers = (t.data_ptr() for t in (self.final_norm, out, cos, sin, slots, valid))
-        status = self._fn(self._pointers, len(self.blocks), *pointers, B, C, H, K, S, D, I, self.eps,
+        status = self._fn(self._pointers, self._types, len(self.blocks), *pointers, B, C, H, K, S, D, I, self.eps,
                           torch.get_num_threads())  # fmt: skip
         if status != 0:
             raise RuntimeError(

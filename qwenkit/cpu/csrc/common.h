@@ -24,8 +24,11 @@
 
 #define MAX_ROWS 8 /* rows of x per call (qwenkit.kernels.MAX_ROWS) */
 
-/* The element types: fp32; bf16, as the uint16_t bit pattern; int8 (gemv's weights only) */
-enum dtype { F32, BF16, INT8 };
+/* The element types: fp32; bf16, as the uint16_t bit pattern; int8 (gemv's weights only); and the
+ * weight formats of quant.c, each numbered as ggml numbers it (GGUF's tensor types, which
+ * qwenkit.cpu.ops passes as they are). */
+enum dtype { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+             INT8 = 24, BF16 = 30 };
 
 typedef float vf __attribute__((vector_size(64)));     /* 16 fp32 lanes */
 typedef uint16_t vh __attribute__((vector_size(32)));  /* 16 bf16 bit patterns */
@@ -92,7 +95,7 @@ static inline vf load_i8(const int8_t *p) { /* 16 int8 -> 16 fp32, exact */
 
 /* The same over any type: element i of p (or 16 from i) as fp32, exactly; stored rounded to the
  * type (to nearest even, as PyTorch); and the fp32 value of that rounding. Stores take F32 or BF16. */
-static ALWAYS_INLINE long dtype_size(enum dtype dt) { return dt == F32 ? 4 : dt == BF16 ? 2 : 1; }
+static ALWAYS_INLINE long dtype_size(enum dtype dt) { return dt == F32 ? 4 : dt == BF16 || dt == F16 ? 2 : 1; }
 static ALWAYS_INLINE void *at(const void *p, long i, enum dtype dt) { /* the address of element i */
     return (char *)p + i * dtype_size(dt);
 }
@@ -207,5 +210,22 @@ INTERNAL int attention_part(const void *q, const void *k, const void *v, const v
                             long S, long D, int t, int nt, enum dtype dt);
 INTERNAL int attention_sizes_ok(const int64_t *slot, long B, long H, long K, long S, long D);
 INTERNAL void rms_norm(const void *x, const void *w, void *y, long rows, long C, float eps, enum dtype dt);
+
+/* quant.c's products with weights in a block format (wt, an enum dtype from F16 to Q6_K): the
+ * activations quantized once (quantize_x, into qx_bytes of memory), then the products of output
+ * rows [n0, n1) or of claimed blocks, as gemv.c's; quant_row_bytes is 0 where wt does not take K. */
+struct qx { /* per row of K, padded with zeros to Kp (a multiple of 256) */
+    int8_t *q;     /* (Kp,) */
+    float *lane;   /* (Kp / 4,): the scale of each 4 values' block of 32 */
+    float *sum16;  /* (Kp / 16,): the dequantized sum of each 16 values */
+    long Kp;
+};
+INTERNAL long quant_row_bytes(int wt, long K);
+INTERNAL long qx_bytes(long M, long K);
+INTERNAL struct qx quantize_x(const void *x, enum dtype xt, long M, long K, void *mem);
+INTERNAL void qgemv_rows(const struct qx *qx, const void *x, enum dtype xt, const void *w, int wt, const void *b,
+                         void *y, long M, long N, long K, long n0, long n1);
+INTERNAL void qgemv_part(const struct qx *qx, const void *x, enum dtype xt, const void *w, int wt, const void *b,
+                         void *y, long M, long N, long K, long *next, int nt);
 
 #endif

@@ -1,15 +1,15 @@
 /* The matrix-vector products of decoding: y[m, n] = sum_k x[m, k] w[n, k] (+ b[n]) for 1 to 8
- * rows of x, in fp32 or bf16 (accumulated in fp32, rounded once); and for int8 weights with one
- * scale per output row (qwenkit.quant), x in fp32.
+ * rows of x, in fp32 or bf16 (accumulated in fp32, rounded once). An optional bf16 scale per
+ * output row multiplies each sum (no caller passes one now); weights in GGUF block formats are
+ * quant.c's.
  *
  * Decoding reads every weight once per token, so it runs at the speed of memory. Each thread takes
  * a contiguous block of output rows and streams through them; the rows of x stay in L1. Every
  * output element is summed in the same order whatever the number of rows, so a batched product
  * equals the products of its rows alone, bit for bit.
  *
- * Built by qwenkit/kernels/__init__.py with -O3 -march=native -fopenmp. AVX-512 BF16 machines use
- * vdpbf16ps, AVX-512 machines a vector sign extension for int8; elsewhere GCC/Clang vector
- * extensions compile to the machine's own SIMD.
+ * Built by qwenkit/cpu/build.py with -O3 -march=native -fopenmp. AVX-512 BF16 machines use
+ * vdpbf16ps; elsewhere GCC/Clang vector extensions compile to the machine's own SIMD.
  */
 #include <stdint.h>
 #include <string.h>
@@ -105,14 +105,13 @@ static ALWAYS_INLINE void product_rows(const void *x, const void *w, const uint1
     }
 }
 
-/* One copy of product_rows per weight type: fp32 and bf16 products keep x in the weights' type,
- * int8 ones take fp32 x (Int8Linear's). */
+/* One copy of product_rows per weight type, x in the weights' type (block formats: quant.c) */
 INTERNAL void gemv_rows(const void *x, const void *w, const uint16_t *scale, const void *b, void *y, long M, long N,
                         long K, long n0, long n1, enum dtype wt) {
     switch (wt) {
     case F32: product_rows(x, w, scale, b, y, M, N, K, n0, n1, F32, F32); break;
     case BF16: product_rows(x, w, scale, b, y, M, N, K, n0, n1, BF16, BF16); break;
-    case INT8: product_rows(x, w, scale, b, y, M, N, K, n0, n1, F32, INT8); break;
+    default: break; /* block formats: quant.c */
     }
 }
 
@@ -140,8 +139,4 @@ int qwenkit_gemv_f32(const float *x, const float *w, const void *scale, const fl
 int qwenkit_gemv_bf16(const uint16_t *x, const uint16_t *w, const void *scale, const uint16_t *b, uint16_t *y, long M,
                       long N, long K, int threads) {
     return gemv(x, w, scale, b, y, M, N, K, threads, BF16);
-}
-int qwenkit_gemv_int8(const float *x, const int8_t *w, const uint16_t *scale, const float *b, float *y, long M, long N,
-                      long K, int threads) {
-    return gemv(x, w, scale, b, y, M, N, K, threads, INT8);
 }

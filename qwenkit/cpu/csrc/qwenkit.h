@@ -38,9 +38,16 @@ int qwenkit_gemv_f32(const float *x, const float *w, const void *scale, const fl
                      long K, int threads);
 int qwenkit_gemv_bf16(const uint16_t *x, const uint16_t *w, const void *scale, const uint16_t *b, uint16_t *y, long M,
                       long N, long K, int threads);
-/* int8 weights (N, K) with one bf16 scale per output row: y = (x w^T) * scale (+ b), x, b, y fp32 */
-int qwenkit_gemv_int8(const float *x, const int8_t *w, const uint16_t *scale, const float *b, float *y, long M, long N,
-                      long K, int threads);
+
+/* Weights in a GGUF block format, w (N, row bytes): wtype is ggml's type number (Q4_0 2, Q4_1 3,
+ * Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14; F16 1). y (M, N) = x (M, K) w^T (+ b) for
+ * 1 to 8 rows, x, b and y fp32; x is quantized to int8 in blocks of 32 first (not for F16) */
+int qwenkit_qgemv(const float *x, const void *w, int wtype, const float *b, float *y, long M, long N, long K,
+                  int threads);
+/* rows of such weights in fp32: out (rows, K) */
+int qwenkit_dequantize(const void *w, int wtype, long rows, long K, float *out, int threads);
+/* x (M, K) fp32 to int8 q (M, K) with a scale per 32 values, d (M, K / 32), as qgemv quantizes it */
+int qwenkit_quantize_activations(const float *x, long M, long K, int8_t *q, float *d);
 
 /* One decoding step of a layer's attention: q (B, H, D), k and v (B, K, D) before RoPE; cos, sin
  * (B, D); kc, vc (B, K, S, D), written at slot (B,); valid (B, S): the slots holding real tokens;
@@ -57,13 +64,16 @@ int qwenkit_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const ui
 int qwenkit_rms_norm_f32(const float *x, const float *w, float *y, long rows, long C, float eps);
 int qwenkit_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, long rows, long C, float eps);
 
-/* One decoding step through L blocks: p, L * BLOCK_TENSORS pointers; final_norm (C,) or NULL;
- * x (B, C), updated in place; cos, sin (B, D); slot (B,) and valid (B, S) as for attention */
-int qwenkit_decode_layers_f32(void *const *p, long L, const float *final_norm, float *x, const float *cos,
-                              const float *sin, const int64_t *slot, const uint8_t *valid, long B, long C, long H,
-                              long K, long S, long D, long I, float eps, int threads);
-int qwenkit_decode_layers_bf16(void *const *p, long L, const uint16_t *final_norm, uint16_t *x, const uint16_t *cos,
-                               const uint16_t *sin, const int64_t *slot, const uint8_t *valid, long B, long C, long H,
-                               long K, long S, long D, long I, float eps, int threads);
+/* One decoding step through L blocks: p, L * BLOCK_TENSORS pointers; types, NULL where every
+ * weight is in the activations' dtype, else L * BLOCK_TENSORS ggml type numbers, of which the
+ * projections' are read (the activations' dtype: F32 0, BF16 30; a block format: quant.c's
+ * products); final_norm (C,) or NULL; x (B, C), updated in place; cos, sin (B, D); slot (B,) and
+ * valid (B, S) as for attention */
+int qwenkit_decode_layers_f32(void *const *p, const int32_t *types, long L, const float *final_norm, float *x,
+                              const float *cos, const float *sin, const int64_t *slot, const uint8_t *valid, long B,
+                              long C, long H, long K, long S, long D, long I, float eps, int threads);
+int qwenkit_decode_layers_bf16(void *const *p, const int32_t *types, long L, const uint16_t *final_norm, uint16_t *x,
+                               const uint16_t *cos, const uint16_t *sin, const int64_t *slot, const uint8_t *valid,
+                               long B, long C, long H, long K, long S, long D, long I, float eps, int threads);
 
 #endif
