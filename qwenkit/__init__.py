@@ -17,7 +17,7 @@ _EXPORTS = {
     "load_model": "qwenkit.hub",
     "accelerate": "qwenkit.cpu",
     "Tokenizer": "qwenkit.tokenizer",
-    "load_tokenizer": "qwenkit.tokenizer",
+    "load_tokenizer": "qwenkit.hub",
     "StreamDecoder": "qwenkit.tokenizer",
     "encode_chat": "qwenkit.tokenizer",
     "quantize": "qwenkit.quant",

