@@ -1,6 +1,6 @@
 """The `qwenkit` command: one parser over the command groups, and one error handler.
 
-Each command is a typed function in the module of its group (run, serve, demo, apps); its
+Each command is a typed function in the module of its group (run, quantize, serve, demo, apps); its
 signature becomes its flags and its docstring its --help (qwenkit.cli.signature). `finetune`'s
 flags are a recipe's keys, built from FinetuneConfig's fields by the same machinery when the
 command runs (so that `qwenkit --help` imports no torch), and it runs under the same handler.
@@ -16,13 +16,19 @@ import sys
 from collections.abc import Callable
 
 from qwenkit import __version__
-from qwenkit.cli import apps, demo, finetune, run, serve
+from qwenkit.cli import apps, demo, finetune, quantize, run, serve
 from qwenkit.cli.signature import add_command, summary
 from qwenkit.errors import QwenkitError
 
 # Command names to typed functions, in the order of `qwenkit --help`; "convert gguf" is the
 # subcommand gguf of the group convert.
-COMMANDS: dict[str, Callable] = {**run.COMMANDS, **demo.COMMANDS, **serve.COMMANDS, **apps.COMMANDS}
+COMMANDS: dict[str, Callable] = {
+    **run.COMMANDS,
+    **quantize.COMMANDS,
+    **demo.COMMANDS,
+    **serve.COMMANDS,
+    **apps.COMMANDS,
+}
 # Commands that parse their own arguments, given whole.
 OWN_PARSERS: dict[str, Callable[[list[str]], int]] = {"finetune": finetune.finetune}
 

@@ -69,8 +69,10 @@ class Weights:
     """How the weights sit in memory.
 
     Args:
-        dtype: the weights' dtype in memory.
-        quantize: weight-only int8.
+        dtype: the weights' dtype in memory (a GGUF file's: the activations').
+        quantize: quantize a checkpoint's weights to Q8_0 in memory (8.5 bits a weight, a quarter of
+            fp32's memory traffic; slightly different outputs). A .gguf --model runs as the file
+            stores it (Q4_K_M, Q8_0, ...) without this flag.
     """
 
     dtype: Dtype = "float32"

@@ -101,7 +101,7 @@ def generate(
     checkpoint's generation_config.json; temperature 0 is greedy.
 
     Args:
-        model: a checkpoint folder, a hub id, or "default" (the default: a 135M stand-in model; see
+        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (the default: a 135M stand-in model; see
             `qwenkit models`).
         prompt: the text to complete (a user message, unless --raw).
         input: a JSONL file of prompts.
@@ -112,7 +112,7 @@ def generate(
         stream: print the completion of --prompt as it is generated.
         batch_size: prompts generated together with --input.
         dtype: the weights' dtype in memory (float16 is not offered: it overflows on Qwen2.5).
-        quantize: weight-only int8 (a quarter of fp32's memory traffic; slightly different outputs).
+        quantize: Q8_0 weights in memory (a quarter of fp32's memory traffic; slightly different outputs).
     """
     from qwenkit.generate import check_fits, context_length
     from qwenkit.text import TextStream, encode_prompt
@@ -208,7 +208,7 @@ def chat(
     one, so a script can hold a conversation; --message gives a single answer.
 
     Args:
-        model: a checkpoint folder, a hub id, or "default" (the default: a 135M stand-in model; see
+        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (the default: a 135M stand-in model; see
             `qwenkit models`).
         system: the system prompt (default: the chat template's own).
         message: answer this one message, print the answer and exit.
