@@ -39,7 +39,7 @@ def write(
 
     Args:
         prompt: the beginning to continue, or what to write about.
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
+        model: a checkpoint folder, a .gguf file, a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
         style: continue (the text itself, continued), story, news or dialogue.
         max_new_tokens: the longest piece, in tokens.
         temperature: sampling temperature; 0 means greedy.
@@ -71,7 +71,7 @@ def qa(
 
     Args:
         question: the question.
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
+        model: a checkpoint folder, a .gguf file, a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
         context: a document: a file, a folder of .txt/.md files, or the text itself (repeat for several).
         top_k: how many passages to retrieve and show the model.
         max_new_tokens: the longest reply, in tokens.
@@ -117,7 +117,7 @@ def translate(
 
     Args:
         text: the text to translate, or - for standard input.
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
+        model: a checkpoint folder, a .gguf file, a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
         to: the target language.
         from_: the source language (default: detected).
         batch_size: sentences translated together.
@@ -161,7 +161,7 @@ def sentiment(
 
     Args:
         text: the text to classify.
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
+        model: a checkpoint folder, a .gguf file, a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
         labels: the candidate labels, comma-separated.
         input: a JSONL file of rows with "text", classified in batches with a progress bar.
         output: where the classified rows of --input go (default: standard output).
@@ -223,7 +223,7 @@ def code(
 
     Args:
         task: what the code should do.
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
+        model: a checkpoint folder, a .gguf file, a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
         lang: the programming language (tests run for python only).
         test: a Python file of tests: asserts, or a HumanEval-style check(candidate) function.
         entry_point: the function check() is called with (default: the last function the code defines).

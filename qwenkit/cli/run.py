@@ -101,8 +101,8 @@ def generate(
     checkpoint's generation_config.json; temperature 0 is greedy.
 
     Args:
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (the default: a 135M stand-in model; see
-            `qwenkit models`).
+        model: a checkpoint folder, a .gguf file (run as stored), a hub id, or "default" (the
+            default: a 135M stand-in model; see `qwenkit models`).
         prompt: the text to complete (a user message, unless --raw).
         input: a JSONL file of prompts.
         output: where the completions of --input go (JSONL, one line per input line).
@@ -208,8 +208,8 @@ def chat(
     one, so a script can hold a conversation; --message gives a single answer.
 
     Args:
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (the default: a 135M stand-in model; see
-            `qwenkit models`).
+        model: a checkpoint folder, a .gguf file (run as stored), a hub id, or "default" (the
+            default: a 135M stand-in model; see `qwenkit models`).
         system: the system prompt (default: the chat template's own).
         message: answer this one message, print the answer and exit.
         max_new_tokens: the longest answer, in tokens.

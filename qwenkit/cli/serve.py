@@ -35,7 +35,7 @@ def serve(
     generation_config.json; a request's own temperature, top_p, ... override them.
 
     Args:
-        model: a checkpoint folder, a .gguf file (run in its quantized blocks), a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
+        model: a checkpoint folder, a .gguf file, a hub id, or "default" (a 135M stand-in; see `qwenkit models`).
         host: the address to listen on; 127.0.0.1 serves this machine only, anything else
             exposes the model to the network (set --api-key then).
         port: the TCP port.
