@@ -40,7 +40,7 @@ benchmarks/build_llama_cpp.sh (about 6 minutes; -DGGML_NATIVE=ON, Release), into
     python benchmarks/bench_quant.py [--models smollm2,0.5b,7b] [--types Q8_0,Q4_0,Q4_K_M]
         [--repeats 2] [--reps 3] [--new 64] [--only llama.cpp|qwenkit] [--quick] [--json out.json]
 
---quick (one round, one repetition, 32 new tokens) takes about 3 minutes for SmolLM2 and 0.5B on
+--quick (one round, one repetition, 32 new tokens) takes about 5 minutes for SmolLM2 and 0.5B on
 an idle machine, once the files exist; making them takes about a minute (the 7B files about 14
 minutes and 36 GB: benchmarks/quant_files.py --models 7b makes them ahead).
 """
@@ -48,6 +48,7 @@ minutes and 36 GB: benchmarks/quant_files.py --models 7b makes them ahead).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import platform
@@ -109,8 +110,14 @@ def run_child(cmd: list[str], timeout: float, env: dict[str, str] | None = None)
 
 
 def failure(result: dict, what: str) -> str:
+    """What went wrong in a child, in one line: its exit (a signal by name), then the innermost
+    Python frame of a crash (faulthandler's dump) or else its last line of stderr."""
+    rc = result["rc"]
+    why = f"killed by {signal.Signals(rc - 128).name}" if 128 < rc < 128 + 65 else f"exit status {rc}"
     lines = [line.strip() for line in result["stderr"].strip().splitlines() if line.strip()]
-    return f"{what}: exit status {result['rc']}" + (f": {lines[-1]}" if lines else "")
+    frames = [line for line in lines if line.startswith('File "')]
+    detail = f"in {frames[0]}" if frames else lines[-1] if lines else ""
+    return f"{what}: {why}" + (f", {detail}" if detail else "")
 
 
 def llama_bench(path: Path, args, test: list[str]) -> tuple[float, dict]:
@@ -154,6 +161,7 @@ def timeout_for(path: Path) -> float:
 def child(path: str, new: int, reps: int, threads: int) -> None:
     """In a fresh process: load one GGUF with qwenkit.load_model, then time prefill of PROMPT
     tokens and greedy decoding of `new` tokens after CONTEXT; prints one JSON line (or the error)."""
+    faulthandler.enable()  # a crash in native code names its Python frame on stderr
     try:
         import torch
 

@@ -286,3 +286,26 @@ def test_the_commands_run_on_a_quantized_file(mixed, command, capsys):
     path, _ = mixed
     assert main([*command, "--model", str(path)]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_a_row_with_a_partial_last_group_reads_nothing_past_its_end(qtype):
+    """Qwen2.5-0.5B's width 896 is 3.5 groups of 256: the last row's last group must not read the
+    blocks it does not have. The tensor here ends at a page the process may not read."""
+    import ctypes
+    import mmap
+
+    K, N = 896, 5
+    blocks = random_blocks(qtype, N, K)
+    page = mmap.PAGESIZE
+    size = (blocks.numel() + page - 1) // page * page
+    region = mmap.mmap(-1, size + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(base + size), page, 0) == 0  # PROT_NONE: a read faults
+    start = size - blocks.numel()
+    view = torch.frombuffer(region, dtype=torch.uint8, count=blocks.numel(), offset=start).view(N, -1)
+    view.copy_(blocks)
+    x = torch.randn(3, K)
+    assert torch.equal(ops.qgemv(x, view, qtype), ops.qgemv(x, blocks, qtype))
+    assert torch.equal(ops.dequantize(view, qtype, K), ops.dequantize(blocks, qtype, K))
+    del view

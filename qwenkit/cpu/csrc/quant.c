@@ -170,10 +170,11 @@ static ALWAYS_INLINE vu8h fifth_bits(const uint8_t *qh) {
                       1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
     return (vu8h)((rep & bit) != 0) & 16;
 }
-/* Eight halves, each at p + i * stride, as fp32 in lanes 0-7 (the others 0) */
-static ALWAYS_INLINE vf halves8(const uint8_t *p, long stride) {
-    uint16_t h[8];
-    for (int i = 0; i < 8; i++) h[i] = le16(p + i * stride);
+/* n <= 8 halves, each at p + i * stride, as fp32 in lanes 0 to n - 1 (the others 0): a row's last
+ * group reads only the blocks the row has, so never past the end of the tensor */
+static ALWAYS_INLINE vf halves8(const uint8_t *p, long stride, int n) {
+    uint16_t h[8] = {0};
+    for (int i = 0; i < n; i++) h[i] = le16(p + i * stride);
 #if defined(__F16C__)
     __m128i v;
     memcpy(&v, h, 16);
@@ -220,16 +221,16 @@ static ALWAYS_INLINE vf per32(vf v, int c) {
 }
 
 /* Blocks of 32 (legacy formats): chunk c holds blocks 2c and 2c + 1 of the group, where the row
- * has them (nb of the 8): a missing block's weights and scales are zero. */
+ * has them (nb of the 8): a missing block's weights, scale and bias are zero, and never read. */
 static ALWAYS_INLINE void unpack_legacy(const uint8_t *row, long g, int nb, vu8 *u, vf *scale, vf *bias, int wt) {
     long bb = block_bytes(wt);
     const uint8_t *first = row + g * 8 * bb;
-    vf d = halves8(first, bb), b;
+    vf d = halves8(first, bb, nb), b;
     switch (wt) {
     case Q4_0: b = d * -8.0f; break;
     case Q5_0: b = d * -16.0f; break;
     case Q4_1:
-    case Q5_1: b = halves8(first + 2, bb); break;
+    case Q5_1: b = halves8(first + 2, bb, nb); break;
     default: b = (vf){0};
     }
     for (int c = 0; c < 4; c++) {
@@ -248,11 +249,6 @@ static ALWAYS_INLINE void unpack_legacy(const uint8_t *row, long g, int nb, vu8 
         }
         u[c] = concat(half[0], half[1]);
         scale[c] = per32(d, c);
-    }
-    /* the lanes of blocks past the row's end were never read: zero them */
-    if (nb < 8) {
-        for (int i = nb; i < 8; i++) d[i] = b[i] = 0;
-        for (int c = 0; c < 4; c++) scale[c] = per32(d, c);
     }
     *bias = __builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
 }
