@@ -21,10 +21,11 @@ from torch import nn
 
 from qwenkit.errors import GGUFError
 
-# GGUF tensor type -> (weights, bytes) per block: the formats these modules hold
-BLOCK_FORMATS: dict[str, tuple[int, int]] = {
-    "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+# GGUF tensor type -> (ggml's number for it, weights, bytes) per block: the formats these modules
+# hold, and the number qwenkit/cpu/csrc/quant.c takes for each (gguf.GGMLQuantizationType's)
+BLOCK_FORMATS: dict[str, tuple[int, int, int]] = {
+    "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
 }  # fmt: skip
 QUANTIZERS = ("Q8_0", "Q4_0")  # what quantize() writes: the gguf package's quantizers
 TILE_BYTES = 8 << 20  # a dequantized tile of rows (fp32) for products of many rows: about L2 to L3 sized
@@ -32,7 +33,7 @@ TILE_BYTES = 8 << 20  # a dequantized tile of rows (fp32) for products of many r
 
 def row_bytes(qtype: str, K: int) -> int:
     """The bytes of a row of K weights in format qtype, or 0 where K is not a whole number of blocks."""
-    size, nbytes = BLOCK_FORMATS[qtype]
+    _, size, nbytes = BLOCK_FORMATS[qtype]
     return K // size * nbytes if K > 0 and K % size == 0 else 0
 
 

@@ -20,10 +20,10 @@ from qwenkit.cpu.stack import DecodeStack
 from qwenkit.errors import GGUFError
 from qwenkit.gguf import convert_gguf, load_gguf
 from qwenkit.model import load_model
-from qwenkit.quant import QuantEmbedding, QuantLinear, quantize
+from qwenkit.quant import BLOCK_FORMATS, QuantEmbedding, QuantLinear, quantize
 
 Q = gguf.GGMLQuantizationType
-FORMATS = list(ops.BLOCK_FORMATS)
+FORMATS = list(BLOCK_FORMATS)
 # Each build of csrc: this machine's (AVX-512 VNNI here), AVX-VNNI, AVX2 and plain C.
 VARIANTS = list(build.VARIANTS)
 
@@ -31,7 +31,7 @@ VARIANTS = list(build.VARIANTS)
 def random_blocks(qtype: str, rows: int, K: int, seed: int = 0) -> torch.Tensor:
     """Rows of random blocks: random quants and bits, small random fp16 scales (and mins)."""
     rng = np.random.default_rng(seed)
-    _, size, nbytes = ops.BLOCK_FORMATS[qtype]
+    _, size, nbytes = BLOCK_FORMATS[qtype]
     if qtype == "F16":
         return torch.from_numpy((rng.standard_normal((rows, K)) * 0.1).astype(np.float16).view(np.uint8).copy())
     raw = rng.integers(0, 256, size=(rows, K // size, nbytes), dtype=np.uint8)

@@ -14,6 +14,7 @@ import ctypes
 import torch
 
 from qwenkit.cpu import build
+from qwenkit.quant import BLOCK_FORMATS, row_bytes
 
 MAX_ROWS = 8  # rows of x per call (csrc's MAX_ROWS); more rows are a matmul, where PyTorch is the better kernel
 
@@ -42,13 +43,6 @@ SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _TYPED = ("gemv", "decode_attention", "rms_norm", "decode_layers")
 EXPORTS = {f"qwenkit_{name}_{suffix}": name for name in _TYPED for suffix in SUFFIXES.values()}
 EXPORTS.update({f"qwenkit_{name}": name for name in SIGNATURES if name not in _TYPED})
-
-# The GGUF tensor types quant.c reads, by ggml's number for each (gguf.GGMLQuantizationType's), with
-# (weights, bytes) per block.
-BLOCK_FORMATS: dict[str, tuple[int, int, int]] = {
-    "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24),
-    "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
-}  # fmt: skip
 
 _functions: dict[str, ctypes._CFuncPtr] = {}
 
@@ -144,13 +138,6 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, valid) -> torch
     pointers = (t.data_ptr() for t in (q, k, v, cos, sin, k_cache, v_cache, slots, valid, out))
     _check(fn(*pointers, B, q.shape[-1] // D, K, S, D, torch.get_num_threads()), "decode_attention")
     return out
-
-
-def row_bytes(qtype: str, K: int) -> int:
-    """The bytes of a row of K weights in a block format, or 0 where K is not a whole number of
-    its blocks."""
-    _, size, nbytes = BLOCK_FORMATS[qtype]
-    return K // size * nbytes if K > 0 and K % size == 0 else 0
 
 
 def qgemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None, lib=None):

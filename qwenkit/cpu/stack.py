@@ -24,7 +24,7 @@ from qwenkit.cache import KVCache
 from qwenkit.cpu import ops
 from qwenkit.cpu.layers import StreamingAttention, StreamingLinear, StreamingQuantLinear, StreamingRMSNorm, stream
 from qwenkit.model import MLP, Attention, Block, QwenForCausalLM, RMSNorm
-from qwenkit.quant import QuantLinear, row_bytes
+from qwenkit.quant import BLOCK_FORMATS, QuantLinear, row_bytes
 
 _NORMS = (RMSNorm, StreamingRMSNorm)
 _LINEARS = (nn.Linear, StreamingLinear)
@@ -90,7 +90,7 @@ def block_types(block: nn.Module, dtype: torch.dtype) -> list[int]:
                "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}  # fmt: skip
     for name, module in modules.items():
         if isinstance(module, QuantLinear):
-            types[BlockTensors._fields.index(name)] = ops.BLOCK_FORMATS[module.qtype][0]
+            types[BlockTensors._fields.index(name)] = BLOCK_FORMATS[module.qtype][0]
     return types
 
 
@@ -131,7 +131,7 @@ class DecodeStack:
         for block, kinds in zip(blocks, types):
             for t, shape, kind in zip(block, shapes, kinds):
                 if kind != _DTYPE_TYPES[dtype]:  # a block format: uint8 rows of blocks
-                    qtype = next(q for q, (number, _, _) in ops.BLOCK_FORMATS.items() if number == kind)
+                    qtype = next(q for q, (number, _, _) in BLOCK_FORMATS.items() if number == kind)
                     shape, want = (shape[0], row_bytes(qtype, shape[1])), torch.uint8
                 else:
                     want = dtype

@@ -332,6 +332,28 @@ static ALWAYS_INLINE void unpack(const uint8_t *row, long g, int nb, vu8 *u, vf 
 /* ------------------------------------------------------------------------------------------ */
 /* The integer dot products: lane i of the result is the sum of products 4i .. 4i + 3 */
 
+#if !defined(__AVX2__)
+/* The plain-C dot of w's bytes (unsigned, or signed as Q8_0's) with q's, through arrays: GCC
+ * lowers element access to a vector wider than the machine's slowly */
+static ALWAYS_INLINE vi32 dot_c(vu8 w, vs8 q, int is_signed) {
+    uint8_t wa[64];
+    int8_t qa[64];
+    int32_t r[16];
+    memcpy(wa, &w, 64);
+    memcpy(qa, &q, 64);
+    for (int i = 0; i < 16; i++) {
+        r[i] = 0;
+        for (int j = 0; j < 4; j++) {
+            int k = 4 * i + j;
+            r[i] += (is_signed ? (int)(int8_t)wa[k] : (int)wa[k]) * (int)qa[k];
+        }
+    }
+    vi32 out;
+    memcpy(&out, r, 64);
+    return out;
+}
+#endif
+
 static ALWAYS_INLINE vi32 dot_u8s8(vu8 u, vs8 q) {
 #if defined(__AVX512VNNI__)
     return (vi32)_mm512_dpbusd_epi32(_mm512_setzero_si512(), (__m512i)u, (__m512i)q);
@@ -349,19 +371,8 @@ static ALWAYS_INLINE vi32 dot_u8s8(vu8 u, vs8 q) {
     vi32 out;
     memcpy(&out, r, 64);
     return out;
-#else /* through arrays: GCC lowers element access to a vector wider than the machine's slowly */
-    uint8_t ua[64];
-    int8_t qa[64];
-    int32_t r[16];
-    memcpy(ua, &u, 64);
-    memcpy(qa, &q, 64);
-    for (int i = 0; i < 16; i++) {
-        r[i] = 0;
-        for (int j = 0; j < 4; j++) r[i] += (int)ua[4 * i + j] * (int)qa[4 * i + j];
-    }
-    vi32 out;
-    memcpy(&out, r, 64);
-    return out;
+#else
+    return dot_c(u, q, 0);
 #endif
 }
 
@@ -385,17 +396,7 @@ static ALWAYS_INLINE vi32 dot_s8s8(vu8 w, vs8 q) {
     }
     return dot_u8s8(a, s);
 #else
-    int8_t wa[64], qa[64];
-    int32_t r[16];
-    memcpy(wa, &w, 64);
-    memcpy(qa, &q, 64);
-    for (int i = 0; i < 16; i++) {
-        r[i] = 0;
-        for (int j = 0; j < 4; j++) r[i] += (int)wa[4 * i + j] * (int)qa[4 * i + j];
-    }
-    vi32 out;
-    memcpy(&out, r, 64);
-    return out;
+    return dot_c(w, q, 1);
 #endif
 }
 
