@@ -309,6 +309,14 @@ def _parameter_name(tensor, params: dict, path: Path, config: QwenConfig) -> str
     return name
 
 
+def _check_complete(params: dict, seen: set[str], path: Path) -> None:
+    """A GGUFError naming the model's parameters that no tensor of the file gave."""
+    missing = sorted(set(params) - seen)
+    if missing:
+        more = " ..." if len(missing) > 5 else ""
+        raise GGUFError(f"{path}: no tensor for {', '.join(missing[:5])}{more}")
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # llama.cpp's convert_hf_to_gguf `permute`: within each head, rows (two halves of the rotary
     # pairs) are interleaved: reshape(n_head, 2, D/2, ...).swapaxes(1, 2). This is its inverse.
@@ -357,10 +365,7 @@ def _build_model(tensors: list, config: QwenConfig, first: Path, dtype: torch.dt
         module_name, _, attr = name.rpartition(".")
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(weight.to(dtype), requires_grad=False)
         seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        more = " ..." if len(missing) > 5 else ""
-        raise GGUFError(f"{first}: no tensor for {', '.join(missing[:5])}{more}")
+    _check_complete(params, seen, first)
     model.model.rotary_emb.reset_buffers("cpu")
     return model.eval()
 
@@ -552,12 +557,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Qwen
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for part, tensor in tensors:
-        name = _hf_name(tensor.name)
-        if name is None or name not in params:
-            why = (
-                "not part of the Qwen2 network" if name is None else f"not expected by this {config.model_type} config"
-            )
-            raise GGUFError(f"{part}: unexpected tensor '{tensor.name}' ({why})")
+        name = _parameter_name(tensor, params, part, config)
         qtype = tensor.tensor_type.name
         shape = tuple(params[name].shape)
         if tuple(shapes[tensor.name]) != shape:
@@ -593,10 +593,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Qwen
                 "dequantizes any llama.cpp type into a checkpoint folder instead"
             )
         seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        more = " ..." if len(missing) > 5 else ""
-        raise GGUFError(f"{path}: no tensor for {', '.join(missing[:5])}{more}")
+    _check_complete(params, seen, path)
     embed = model.model.embed_tokens
     if model.lm_head is None and isinstance(embed, QuantEmbedding):
         model.lm_head = embed.head  # tied: the head reads the embedding's blocks
