@@ -86,6 +86,31 @@ def test_each_product_equals_the_dequantized_product(kernels, qtype, rows):
     assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("qtype", ops.PACKABLE)
+@pytest.mark.parametrize("rows", [1, 4, 13])
+def test_each_packed_product_equals_the_dequantized_product(kernels, qtype, rows):
+    """The blocks packed in tiles of 16 rows (37 rows: the last tile partial), any number of rows
+    of x (prefill's too), against the gguf package's dequantized weights times the dequantized x."""
+    K, N = width(qtype), 37
+    blocks = random_blocks(qtype, N, K, seed=rows)
+    packed = ops.pack(blocks, qtype, lib=kernels)
+    assert packed.shape == (3, 16 * blocks.shape[1])  # the file's bytes, in whole tiles
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(N)
+    y = ops.qgemv(x, packed, qtype, bias, lib=kernels, packed_rows=N)
+    q, d = ops.quantize_activations(x, lib=kernels)
+    xq = (q.double().reshape(rows, -1, 32) * d.double()[..., None]).reshape(rows, K)
+    w = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), Q[qtype]).reshape(N, K)).double()
+    expected = xq @ w.T + bias.double()
+    assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    for r in range(rows):  # a row's result does not depend on the rows beside it
+        assert torch.equal(ops.qgemv(x[r : r + 1], packed, qtype, bias, lib=kernels, packed_rows=N), y[r : r + 1])
+
+
+def test_formats_without_a_packed_layout_are_not_packed():
+    assert ops.pack(random_blocks("Q4_K", 4, 256), "Q4_K") is None
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_K", "Q6_K"])
 def test_batched_rows_equal_rows_alone_bit_for_bit(qtype):
     K = width(qtype)

@@ -37,19 +37,31 @@ class StreamingRMSNorm(RMSNorm):
 
 
 class StreamingQuantLinear(QuantLinear):
-    """A few rows: csrc/quant.c's product over the blocks as they are. More (prefill): tiles of rows
-    dequantized natively into a matmul, never the whole weight at once."""
+    """csrc/quant.c's products over the blocks. The blocks-of-32 formats (ops.PACKABLE) are packed
+    once, at the first product, into quant.c's tiles of 16 rows, which every product then reads:
+    decoding and prefill alike, with x quantized to int8. The others (K-quants, F16) multiply the
+    file's blocks for a few rows, and prefill dequantizes tiles of rows into a matmul, never the
+    whole weight at once. The packed copy is the one state this subclass adds (not in state dicts:
+    it is made again from the blocks)."""
+
+    def kernel_weights(self) -> tuple[torch.Tensor, bool]:
+        """The weights the kernels read: the packed tiles (True), or the blocks as they are."""
+        packed = self.__dict__.get("_packed")
+        if packed is None and self.qtype in ops.PACKABLE:
+            packed = ops.pack(self.blocks, self.qtype)
+            if packed is not None:
+                self.__dict__["_packed"] = packed
+        return (self.blocks, False) if packed is None else (packed, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if decoding(x, self.in_features):
-            y = ops.qgemv(x, self.blocks, self.qtype, self.bias)  # (..., out) fp32
-            if y is not None:
-                return y.to(x.dtype)
+        if x.is_cpu and not torch.is_grad_enabled():
+            weights, packed = self.kernel_weights()
+            if packed or x.numel() <= ops.MAX_ROWS * self.in_features:
+                rows = self.out_features if packed else None
+                y = ops.qgemv(x, weights, self.qtype, self.bias, packed_rows=rows)  # (..., out) fp32
+                if y is not None:
+                    return y.to(x.dtype)
         return super().forward(x)
-
-    def dequantize_rows(self, n0: int, n1: int) -> torch.Tensor:
-        w = ops.dequantize(self.blocks[n0:n1], self.qtype, self.in_features)
-        return super().dequantize_rows(n0, n1) if w is None else w
 
 
 class StreamingQuantEmbedding(QuantEmbedding):

@@ -34,6 +34,7 @@ SIGNATURES: dict[str, tuple[tuple[str, type], ...]] = {
                       ("I", _L), ("eps", _F), ("threads", _I)),
     "qgemv": (("x", _P), ("w", _P), ("wtype", _I), ("b", _P), ("y", _P), ("M", _L), ("N", _L), ("K", _L),
               ("threads", _I)),
+    "pack": (("w", _P), ("wtype", _I), ("N", _L), ("K", _L), ("out", _P), ("threads", _I)),
     "dequantize": (("w", _P), ("wtype", _I), ("rows", _L), ("K", _L), ("out", _P), ("threads", _I)),
     "quantize_activations": (("x", _P), ("M", _L), ("K", _L), ("q", _P), ("d", _P)),
 }  # fmt: skip
@@ -140,15 +141,46 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, valid) -> torch
     return out
 
 
-def qgemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None, lib=None):
-    """`x @ W.T (+ bias)` in fp32 for up to MAX_ROWS rows of x (..., K), W the weights in `blocks`
-    (N, row bytes) uint8 of a block format (BLOCK_FORMATS), x quantized to int8 in blocks of 32
-    first (not for F16); or None where the kernel does not apply."""
-    N, K = blocks.shape[0], x.shape[-1]
-    M = x.numel() // K if K else 0
-    if not 0 < M <= MAX_ROWS or not x.is_cpu or not blocks.is_cpu or blocks.dtype != torch.uint8:
+# Formats that quant.c can repack in tiles of PACK_ROWS rows, whose lanes are rows (its "Packed
+# tiles"): the products then read them several times faster. A packed format's number is its own
+# plus PACKED.
+PACKABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+PACKED, PACK_ROWS = 64, 16
+
+
+def pack(blocks: torch.Tensor, qtype: str, lib=None) -> torch.Tensor | None:
+    """`blocks` (N, row bytes) of a PACKABLE format in quant.c's tiles: uint8 (ceil(N / 16),
+    16 * row bytes), for qgemv's `packed_rows=N`; None where the format has no packed layout or the
+    library is unavailable."""
+    if qtype not in PACKABLE or blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
         return None
-    if blocks.shape[1:] != (row_bytes(qtype, K),) or not blocks.is_contiguous() or blocks.shape[1] == 0:
+    fn = function("qwenkit_pack", lib=lib)
+    if fn is None:
+        return None
+    N, rb = blocks.shape
+    K = rb // BLOCK_FORMATS[qtype][2] * BLOCK_FORMATS[qtype][1]
+    out = torch.empty(-(-N // PACK_ROWS), PACK_ROWS * rb, dtype=torch.uint8)
+    _check(fn(blocks.data_ptr(), BLOCK_FORMATS[qtype][0], N, K, out.data_ptr(), torch.get_num_threads()), "pack")
+    return out
+
+
+def qgemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None, lib=None,
+          packed_rows: int | None = None) -> torch.Tensor | None:  # fmt: skip
+    """`x @ W.T (+ bias)` in fp32 for rows of x (..., K), W the weights in `blocks` (N, row bytes)
+    uint8 of a block format (BLOCK_FORMATS), or as `pack` packed them for N = packed_rows; x is
+    quantized to int8 in blocks of 32 first (not for F16). At most MAX_ROWS rows, any number where
+    packed. None where the kernel does not apply."""
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    rb = row_bytes(qtype, K)
+    if packed_rows is None:
+        N, shape, limit, wtype = blocks.shape[0], (blocks.shape[0], rb), MAX_ROWS, BLOCK_FORMATS[qtype][0]
+    else:
+        N, limit, wtype = packed_rows, None, BLOCK_FORMATS[qtype][0] + PACKED
+        shape = (-(-N // PACK_ROWS), PACK_ROWS * rb)
+    if M == 0 or (limit is not None and M > limit) or not x.is_cpu or not blocks.is_cpu:
+        return None
+    if blocks.dtype != torch.uint8 or blocks.shape != shape or not blocks.is_contiguous() or rb == 0:
         return None
     if bias is not None and (bias.shape != (N,) or bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
@@ -158,7 +190,6 @@ def qgemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor 
     x = x.float().contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
     b = None if bias is None else bias.data_ptr()
-    wtype = BLOCK_FORMATS[qtype][0]
     _check(fn(x.data_ptr(), blocks.data_ptr(), wtype, b, y.data_ptr(), M, N, K, torch.get_num_threads()), "qgemv")
     return y
 

@@ -74,23 +74,32 @@ def block_tensors(block: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor
         return None
     if any(m.bias is not None for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
         return None
-    q, k, v, o, gate, up, down = (m.blocks if isinstance(m, QuantLinear) else m.weight for m in projections)
+    q, k, v, o, gate, up, down = (_weights(m)[0] for m in projections)
     return BlockTensors(
         norms[0].weight, q, attn.q_proj.bias, k, attn.k_proj.bias, v, attn.v_proj.bias, o,
         norms[1].weight, gate, up, down, k_cache, v_cache,
     )  # fmt: skip
 
 
+def _weights(module: nn.Module) -> tuple[torch.Tensor, bool]:
+    """A projection's weight as decode.c reads it, and whether it is packed (ops.pack's tiles): a
+    streaming QuantLinear's kernel weights, a QuantLinear's blocks, else the weight."""
+    if isinstance(module, StreamingQuantLinear):
+        return module.kernel_weights()
+    return (module.blocks, False) if isinstance(module, QuantLinear) else (module.weight, False)
+
+
 def block_types(block: nn.Module, dtype: torch.dtype) -> list[int]:
     """The ggml type number of each of a block's tensors (BlockTensors' order) as decode.c reads
-    them: a QuantLinear's format, else the activations' dtype."""
+    them: a QuantLinear's format (plus ops.PACKED where packed), else the activations' dtype."""
     types = [_DTYPE_TYPES[dtype]] * len(BlockTensors._fields)
     attn, mlp = block.self_attn, block.mlp
     modules = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
                "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}  # fmt: skip
     for name, module in modules.items():
         if isinstance(module, QuantLinear):
-            types[BlockTensors._fields.index(name)] = BLOCK_FORMATS[module.qtype][0]
+            packed = _weights(module)[1]
+            types[BlockTensors._fields.index(name)] = BLOCK_FORMATS[module.qtype][0] + (ops.PACKED if packed else 0)
     return types
 
 
@@ -130,9 +139,12 @@ class DecodeStack:
         )  # fmt: skip
         for block, kinds in zip(blocks, types):
             for t, shape, kind in zip(block, shapes, kinds):
-                if kind != _DTYPE_TYPES[dtype]:  # a block format: uint8 rows of blocks
-                    qtype = next(q for q, (number, _, _) in BLOCK_FORMATS.items() if number == kind)
-                    shape, want = (shape[0], row_bytes(qtype, shape[1])), torch.uint8
+                if kind != _DTYPE_TYPES[dtype]:  # a block format: uint8 rows of blocks, or packed tiles
+                    number = kind & ~ops.PACKED
+                    qtype = next(q for q, (n, _, _) in BLOCK_FORMATS.items() if n == number)
+                    rb = row_bytes(qtype, shape[1])
+                    shape = (-(-shape[0] // ops.PACK_ROWS), ops.PACK_ROWS * rb) if kind & ops.PACKED else (shape[0], rb)
+                    want = torch.uint8
                 else:
                     want = dtype
                 if t is not None and (t.shape != shape or t.dtype != want or not t.is_cpu or not t.is_contiguous()):

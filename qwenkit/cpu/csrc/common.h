@@ -29,6 +29,9 @@
  * qwenkit.cpu.ops passes as they are). */
 enum dtype { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14,
              INT8 = 24, BF16 = 30 };
+/* A block format's number plus PACKED: its rows repacked in tiles of PACK_ROWS (quant.c's pack) */
+#define PACKED 64
+#define PACK_ROWS 16
 
 typedef float vf __attribute__((vector_size(64)));     /* 16 fp32 lanes */
 typedef uint16_t vh __attribute__((vector_size(32)));  /* 16 bf16 bit patterns */
@@ -218,6 +221,8 @@ struct qx { /* per row of K, padded with zeros to Kp (a multiple of 256) */
     int8_t *q;     /* (Kp,) */
     float *lane;   /* (Kp / 4,): the scale of each 4 values' block of 32 */
     float *sum16;  /* (Kp / 16,): the dequantized sum of each 16 values */
+    float *d;      /* (Kp / 32,): each block of 32's scale */
+    int32_t *qsum; /* (Kp / 32,): each block of 32's sum of q */
     long Kp;
 };
 INTERNAL long quant_row_bytes(int wt, long K);
@@ -227,5 +232,8 @@ INTERNAL void qgemv_rows(const struct qx *qx, const void *x, enum dtype xt, cons
                          void *y, long M, long N, long K, long n0, long n1);
 INTERNAL void qgemv_part(const struct qx *qx, const void *x, enum dtype xt, const void *w, int wt, const void *b,
                          void *y, long M, long N, long K, long *next, int nt);
+/* claim's blocks of output rows for weights of row_bytes a row, in whole tiles of PACK_ROWS where
+ * wt has PACKED (n1 at most N) */
+INTERNAL int quant_claim(long *next, int wt, long N, long row_bytes, int nt, long *n0, long *n1);
 
 #endif

@@ -127,7 +127,7 @@ static ALWAYS_INLINE int step_thread(void *const *p, const int32_t *types, long 
         /* gate and up rows, then their SwiGLU */
         if (integer_input(tg, dt) || integer_input(tu, dt)) qx = quantize_x(hs, dt, B, C, qmem);
         long gate_bytes = tg == (int)dt ? C * dtype_size(dt) : quant_row_bytes(tg, C);
-        while (claim(c + 4, I, least_rows(2 * gate_bytes), nt, &n0, &n1)) {
+        while (quant_claim(c + 4, (tg | tu) & PACKED, I, 2 * gate_bytes, nt, &n0, &n1)) {
             if (tg == (int)dt)
                 gemv_rows(hs, w[GATE_PROJ], NULL, NULL, s->g, B, I, C, n0, n1, dt);
             else

@@ -32,6 +32,7 @@
 
 #define GROUP 256 /* weights per group: a K-quant super-block, or 8 blocks of 32 */
 #define AHEAD 8192 /* bytes of prefetch ahead of the reads, as gemv.c */
+#define PACK_AHEAD 32768 /* the packed products' (more bytes in flight: they read faster) */
 
 typedef uint8_t vu8 __attribute__((vector_size(64)));
 typedef int8_t vs8 __attribute__((vector_size(64)));
@@ -74,8 +75,13 @@ static long block_bytes(int wt) {
 }
 static long block_size(int wt) { return wt == F16 ? 1 : wt == Q4_K || wt == Q5_K || wt == Q6_K ? 256 : 32; }
 
-/* The bytes of a row of K weights, or 0 where the format does not take K */
+/* Formats with a packed layout (see "Packed tiles" below): blocks of 32 */
+static int packable(int wt) { return wt == Q4_0 || wt == Q4_1 || wt == Q5_0 || wt == Q5_1 || wt == Q8_0; }
+
+/* The bytes of a row of K weights, or 0 where the format does not take K (packed: the same bytes,
+ * in tiles of PACK_ROWS rows) */
 INTERNAL long quant_row_bytes(int wt, long K) {
+    if (wt & PACKED) return packable(wt & ~PACKED) ? quant_row_bytes(wt & ~PACKED, K) : 0;
     long bb = block_bytes(wt), bs = block_size(wt);
     return bb && K > 0 && K % bs == 0 ? K / bs * bb : 0;
 }
@@ -86,47 +92,79 @@ INTERNAL long quant_row_bytes(int wt, long K) {
  * 32, so that it multiplies a vector of 16 lanes as it is); sum16 (Kp / 16,), the dequantized
  * sum of each 16 values, for the weights' biases. */
 static long qx_padded(long K) { return (K + GROUP - 1) / GROUP * GROUP; }
-/* q (Kp bytes), lane (Kp / 4 floats) and sum16 (Kp / 16 floats) per row, and room to align */
-INTERNAL long qx_bytes(long M, long K) { return M * (2 * qx_padded(K) + qx_padded(K) / 4) + 64; }
+/* q (Kp bytes), lane (Kp / 4 floats), sum16 (Kp / 16 floats), d and qsum (Kp / 32 each) per row,
+ * and room to align */
+INTERNAL long qx_bytes(long M, long K) { return M * (2 * qx_padded(K) + qx_padded(K) / 4 + qx_padded(K) / 4) + 64; }
 
-/* Quantizes one block of 32 values of x (type xt) from element i, n of them real (the rest 0) */
+/* Quantizes one block of 32 values of x (type xt) from element i, n of them real (the rest 0):
+ * q = round(v * 127 / absmax) to nearest even (adding and taking away 1.5 * 2^23 rounds an fp32
+ * below 2^22 so, in vectors; nearbyintf is a call per value), d = absmax / 127 returned */
 static ALWAYS_INLINE float quantize_block(const void *x, long i, int n, enum dtype xt, int8_t *q) {
-    float v[32], amax = 0;
-    for (int j = 0; j < 32; j++) {
-        v[j] = j < n ? load(x, i + j, xt) : 0.0f;
-        float a = fabsf(v[j]);
-        amax = a > amax ? a : amax;
+    vf v[2];
+    if (n == 32) {
+        v[0] = vload(x, i, xt);
+        v[1] = vload(x, i + 16, xt);
+    } else {
+        v[0] = v[1] = (vf){0};
+        for (int j = 0; j < n; j++) v[j / 16][j % 16] = load(x, i + j, xt);
     }
+    vu a0 = (vu)v[0] & 0x7fffffff, a1 = (vu)v[1] & 0x7fffffff, first = (vu)(a0 > a1);
+    vu absbits = (a0 & first) | (a1 & ~first);
+    uint32_t top = 0; /* the absmax's bits: non-negative floats order as their bits do */
+    for (int j = 0; j < 16; j++) top = absbits[j] > top ? absbits[j] : top;
+    float amax;
+    memcpy(&amax, &top, 4);
     float d = amax / 127.0f, id = d > 0 ? 127.0f / amax : 0.0f;
-    for (int j = 0; j < 32; j++) {
-        float r = nearbyintf(v[j] * id);
-        q[j] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+    for (int h = 0; h < 2; h++) {
+        vf r = (v[h] * id + 12582912.0f) - 12582912.0f;
+        vi32 qi = __builtin_convertvector(r, vi32), over = qi > 127, under = qi < -127;
+        qi = (qi & ~over & ~under) | (127 & over) | (-127 & under);
+        vi8 b = __builtin_convertvector(qi, vi8);
+        memcpy(q + 16 * h, &b, 16);
     }
     return d;
 }
 
-/* x (M, K) of type xt into qx, whose buffers are in `mem` (qx_bytes(M, K) bytes) */
-INTERNAL struct qx quantize_x(const void *x, enum dtype xt, long M, long K, void *mem) {
+/* The layout of M rows of K in `mem` (qx_bytes(M, K) bytes), not yet filled */
+INTERNAL struct qx qx_layout(long M, long K, void *mem) {
     struct qx out;
     out.Kp = qx_padded(K);
     out.lane = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
     out.sum16 = out.lane + M * out.Kp / 4;
-    out.q = (int8_t *)(out.sum16 + M * out.Kp / 16);
-    for (long m = 0; m < M; m++) {
-        int8_t *q = out.q + m * out.Kp;
-        float *lane = out.lane + m * out.Kp / 4, *sum16 = out.sum16 + m * out.Kp / 16;
-        for (long b = 0; b < out.Kp / 32; b++) {
+    out.d = out.sum16 + M * out.Kp / 16;
+    out.qsum = (int32_t *)(out.d + M * out.Kp / 32);
+    out.q = (int8_t *)(out.qsum + M * out.Kp / 32);
+    return out;
+}
+
+/* Rows [m0, m1) of x (M, K) of type xt quantized into qx */
+INTERNAL void quantize_rows(const struct qx *out, const void *x, enum dtype xt, long K, long m0, long m1) {
+    for (long m = m0; m < m1; m++) {
+        int8_t *q = out->q + m * out->Kp;
+        float *lane = out->lane + m * out->Kp / 4, *sum16 = out->sum16 + m * out->Kp / 16;
+        float *d32 = out->d + m * out->Kp / 32;
+        int32_t *qsum = out->qsum + m * out->Kp / 32;
+        for (long b = 0; b < out->Kp / 32; b++) {
             long i = b * 32;
             int n = i >= K ? 0 : K - i < 32 ? (int)(K - i) : 32;
             float d = quantize_block(x, m * K + i, n, xt, q + i);
             for (int j = 0; j < 8; j++) lane[b * 8 + j] = d;
+            d32[b] = d;
+            qsum[b] = 0;
             for (int h = 0; h < 2; h++) {
                 int s = 0;
                 for (int j = 0; j < 16; j++) s += q[i + 16 * h + j];
                 sum16[b * 2 + h] = d * (float)s;
+                qsum[b] += s;
             }
         }
     }
+}
+
+/* x (M, K) of type xt into qx, whose buffers are in `mem` (qx_bytes(M, K) bytes) */
+INTERNAL struct qx quantize_x(const void *x, enum dtype xt, long M, long K, void *mem) {
+    struct qx out = qx_layout(M, K, mem);
+    quantize_rows(&out, x, xt, K, 0, M);
     return out;
 }
 
@@ -500,6 +538,248 @@ static ALWAYS_INLINE void qproduct_rows(const struct qx *qx, const void *x, enum
     }
 }
 
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packed tiles: the blocks-of-32 formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) repacked at load so that
+ * the lanes of a vector are rows, not positions along K, as llama.cpp's repacked Q4_0 is.
+ *
+ * A product above reads a row at a time: per 64 weights one integer dot, its conversion to fp32,
+ * the scales' product and a multiply-add, and per group the unpacking of eight fp16 scales; that
+ * is compute-bound at about half the memory's speed. Here a tile holds PACK_ROWS (16) rows, and
+ * lane r of every vector is row r: an int32 lane sums a whole block of 32 of its row (8 dots of
+ * 4 weights with 4 of x, broadcast), so per block of 16 rows there is one conversion, one
+ * multiply-add and one load of 16 fp16 scales, and no sum across lanes at the end.
+ *
+ * A tile of rows [16t, 16t + 16) (rows past N are zeros) is, for nb = K / 32 blocks, in order:
+ *   quants: nb blocks of V vectors of 64 bytes; byte 4r + i of vector j is row r's quant byte
+ *     4j + i: for 4-bit formats (V = 4) its low nibble is weight 4j + i and its high nibble
+ *     weight 16 + 4j + i (the file's own nibble order); for Q8_0 (V = 8) byte 4j + i is weight
+ *     4j + i, stored plus 128 (w ^ 0x80) as vpdpbusd takes unsigned bytes;
+ *   Q5_0 and Q5_1: nb blocks of 8 masks of 64 bits, the fifth bits: bit 4r + i of mask j is
+ *     row r's weight 4j + i's (so vector j's low nibbles and vector j - 4's high ones: after
+ *     the nibbles are split, the eight vectors j of 64 bytes each hold weights 4j .. 4j + 3);
+ *   d: nb blocks of 16 fp16 scales, one per row; Q4_1 and Q5_1: m, the same for the mins.
+ * That is PACK_ROWS times the bytes of a row of blocks. A weight is d * (u + offset) (Q4_0: -8,
+ * Q5_0: -16, Q8_0: -128) or d * u + m, u the unsigned quant; the offset is added to the block's
+ * integer sum as offset * sum(q), so the block's sum stays exact in int32 and the product equals
+ * the dequantized one up to fp32 summation order. */
+
+static ALWAYS_INLINE int pack_vectors(int wt) { return wt == Q8_0 ? 8 : 4; }
+static ALWAYS_INLINE int has_fifth(int wt) { return wt == Q5_0 || wt == Q5_1; }
+static ALWAYS_INLINE int has_min(int wt) { return wt == Q4_1 || wt == Q5_1; }
+static ALWAYS_INLINE int pack_offset(int wt) { return wt == Q4_0 ? -8 : wt == Q5_0 ? -16 : wt == Q8_0 ? -128 : 0; }
+/* Where the quants' bytes start in a block of the file's layout, and the fifth bits' (qh) */
+static ALWAYS_INLINE int quants_at(int wt) { return wt == Q8_0 || wt == Q4_0 ? 2 : wt == Q4_1 ? 4 : wt == Q5_0 ? 6 : 8; }
+static ALWAYS_INLINE int qh_at(int wt) { return wt == Q5_0 ? 2 : 4; }
+
+/* Offsets of a tile's parts, per block: quants, fifth bits, d, m (bytes from the tile's start) */
+struct tile_parts {
+    long quants, fifth, d, m, bytes;
+};
+static ALWAYS_INLINE struct tile_parts tile_parts(int wt, long K) {
+    long nb = K / 32;
+    struct tile_parts t;
+    t.quants = 0;
+    t.fifth = nb * pack_vectors(wt) * 64;
+    t.d = t.fifth + (has_fifth(wt) ? nb * 64 : 0);
+    t.m = t.d + nb * 32;
+    t.bytes = t.m + (has_min(wt) ? nb * 32 : 0);
+    return t;
+}
+
+/* Rows [16t, 16t + 16) of w (N, row bytes) into a tile */
+static void pack_tile(const uint8_t *w, int wt, long N, long K, long t, uint8_t *tile) {
+    long rb = quant_row_bytes(wt, K), bb = block_bytes(wt), nb = K / 32;
+    struct tile_parts parts = tile_parts(wt, K);
+    int V = pack_vectors(wt);
+    memset(tile, 0, parts.bytes);
+    for (int r = 0; r < PACK_ROWS; r++) {
+        long n = t * PACK_ROWS + r;
+        if (n >= N) break;
+        for (long b = 0; b < nb; b++) {
+            const uint8_t *blk = w + n * rb + b * bb;
+            uint8_t *quants = tile + parts.quants + b * V * 64;
+            for (int j = 0; j < V; j++)
+                for (int i = 0; i < 4; i++) {
+                    uint8_t byte = blk[quants_at(wt) + 4 * j + i];
+                    quants[64 * j + 4 * r + i] = wt == Q8_0 ? byte ^ 0x80 : byte;
+                }
+            if (has_fifth(wt)) {
+                uint32_t qh;
+                memcpy(&qh, blk + qh_at(wt), 4); /* little-endian, as the file */
+                uint64_t masks[8];
+                memcpy(masks, tile + parts.fifth + b * 64, 64);
+                for (int j = 0; j < 8; j++) masks[j] |= (uint64_t)((qh >> (4 * j)) & 15) << (4 * r);
+                memcpy(tile + parts.fifth + b * 64, masks, 64);
+            }
+            memcpy(tile + parts.d + b * 32 + 2 * r, blk, 2);
+            if (has_min(wt)) memcpy(tile + parts.m + b * 32 + 2 * r, blk + 2, 2);
+        }
+    }
+}
+
+/* 16 fp16 (little-endian) as fp32 */
+static ALWAYS_INLINE vf halves16(const uint8_t *p) {
+#if defined(__AVX512F__)
+    __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    vf v;
+    memcpy(&v, &f, 64);
+    return v;
+#else
+    vf v;
+    for (int i = 0; i < 16; i++) v[i] = half_at(p + 2 * i);
+    return v;
+#endif
+}
+/* 16 at each byte whose bit is set in m: the fifth bits of a vector of 64 quants */
+static ALWAYS_INLINE vu8 fifth_bytes(const uint8_t *p) {
+#if defined(__AVX512BW__)
+    uint64_t m;
+    memcpy(&m, p, 8);
+    __m512i v = _mm512_maskz_mov_epi8((__mmask64)m, _mm512_set1_epi8(16));
+    vu8 out;
+    memcpy(&out, &v, 64);
+    return out;
+#else
+    vu8q eight;
+    memcpy(&eight, p, 8); /* the other 8 bytes are not used */
+    vu8 rep = __builtin_shufflevector(eight, eight, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
+                                      2, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6,
+                                      6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7);
+    const vu8 bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32,
+                     64, 128, 1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8,
+                     16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    return (vu8)((rep & bit) != 0) & 16;
+#endif
+}
+
+/* acc + the dot of u's bytes (unsigned, below 128 unless `wide`) with q's, 4 pairs per lane. Wide
+ * bytes (Q8_0's w + 128) are exact in vpdpbusd and plain C; AVX2's vpmaddubsw would saturate
+ * them, so there the signed w = u ^ 0x80 meets q by the sign trick, and the caller adds the
+ * offset it then does not need (see pack_offset_used). */
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__) || !defined(__AVX2__)
+#define WIDE_EXACT 1
+#else
+#define WIDE_EXACT 0
+#endif
+static ALWAYS_INLINE vi32 dot_acc(vi32 acc, vu8 u, vs8 q, int wide) {
+#if defined(__AVX512VNNI__)
+    (void)wide;
+    return (vi32)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)u, (__m512i)q);
+#elif defined(__AVX2__)
+    __m256i uh[2], qh[2], a[2];
+    memcpy(uh, &u, 64);
+    memcpy(qh, &q, 64);
+    memcpy(a, &acc, 64);
+    for (int i = 0; i < 2; i++) {
+#if defined(__AVXVNNI__)
+        (void)wide;
+        a[i] = _mm256_dpbusd_avx_epi32(a[i], uh[i], qh[i]);
+#else
+        __m256i w = uh[i], x = qh[i];
+        if (wide) { /* w = u ^ 0x80 signed; |w| . sign(x, w) */
+            w = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+            x = _mm256_sign_epi8(x, w);
+            w = _mm256_sign_epi8(w, w);
+        }
+        a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+    }
+    vi32 out;
+    memcpy(&out, a, 64);
+    return out;
+#else
+    (void)wide;
+    return acc + dot_c(u, q, 0);
+#endif
+}
+/* The offset a packed format's block sum takes: none for Q8_0 where dot_acc took w signed */
+static ALWAYS_INLINE int pack_offset_used(int wt) { return wt == Q8_0 && !WIDE_EXACT ? 0 : pack_offset(wt); }
+
+static ALWAYS_INLINE vi32 broadcast4(const int8_t *q) {
+    int32_t four;
+    memcpy(&four, q, 4);
+    return (vi32){0} + four;
+}
+
+/* out[m][r] = dot(row 16t + r, x[m]) for a tile and M rows of quantized x (M a constant) */
+static ALWAYS_INLINE void ptile_rows(const struct qx *x, const uint8_t *tile, long K, vf *out, int M, int wt) {
+    long nb = K / 32;
+    struct tile_parts parts = tile_parts(wt, K);
+    int V = pack_vectors(wt);
+    vf acc[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = (vf){0};
+    for (long b = 0; b < nb; b++) {
+        const uint8_t *quants = tile + parts.quants + b * V * 64;
+        /* the tiles lie one after another: sweep them AHEAD bytes ahead at the rate they are read,
+         * a block's share (16 blocks' bytes) per block, so every line is fetched before use */
+        for (long o = b * 16 * block_bytes(wt); o < (b + 1) * 16 * block_bytes(wt); o += 64)
+            __builtin_prefetch(tile + PACK_AHEAD + o, 0, 3);
+        vu8 u[8];
+        for (int j = 0; j < V; j++) memcpy(&u[j], quants + 64 * j, 64);
+        if (V == 4) { /* nibbles: weights 4j + i low, 16 + 4j + i high */
+            for (int j = 0; j < 4; j++) {
+                u[4 + j] = u[j] >> 4;
+                u[j] &= 15;
+            }
+            if (has_fifth(wt))
+                for (int j = 0; j < 8; j++) u[j] |= fifth_bytes(tile + parts.fifth + b * 64 + 8 * j);
+        }
+        vf d = halves16(tile + parts.d + b * 32), mn = {0};
+        if (has_min(wt)) mn = halves16(tile + parts.m + b * 32);
+        for (int m = 0; m < M; m++) {
+            long at = m * x->Kp / 32 + b;
+            const int8_t *q = x->q + at * 32;
+            /* weight vector j meets x's 4 values 4j..4j+3 (Q8_0), or for nibbles j < 4 the low
+             * ones 4j.. and j >= 4 the high ones 16 + 4(j - 4).. : the same 4j for both */
+            vi32 s0 = (vi32){0} + pack_offset_used(wt) * x->qsum[at], s1 = {0};
+            for (int j = 0; j < 8; j += 2) {
+                s0 = dot_acc(s0, u[j], (vs8)broadcast4(q + 4 * j), wt == Q8_0);
+                s1 = dot_acc(s1, u[j + 1], (vs8)broadcast4(q + 4 * j + 4), wt == Q8_0);
+            }
+            float dx = x->d[at];
+            acc[m] += d * (__builtin_convertvector(s0 + s1, vf) * dx);
+            if (has_min(wt)) acc[m] += mn * (dx * (float)x->qsum[at]);
+        }
+    }
+    for (int m = 0; m < M; m++) out[m] = acc[m];
+}
+
+/* Output rows [n0, n1) (whole tiles, the last may pass N) of packed w against M rows of x */
+static ALWAYS_INLINE void ptile_product(const struct qx *qx, const uint8_t *w, int wt, const void *b, void *y,
+                                        enum dtype xt, long M, long N, long K, long n0, long n1) {
+    long tb = tile_parts(wt, K).bytes;
+    for (long t = n0 / PACK_ROWS; t * PACK_ROWS < n1; t++) {
+        const uint8_t *tile = w + t * tb;
+        for (long m = 0; m < M;) {
+            int n = M - m >= 4 ? 4 : 1;
+            struct qx part = *qx;
+            part.q = qx->q + m * qx->Kp;
+            part.d = qx->d + m * qx->Kp / 32;
+            part.qsum = qx->qsum + m * qx->Kp / 32;
+            vf o[4];
+            if (n == 4)
+                ptile_rows(&part, tile, K, o, 4, wt);
+            else
+                ptile_rows(&part, tile, K, o, 1, wt);
+            for (int i = 0; i < n; i++) {
+                float lanes[16];
+                memcpy(lanes, &o[i], 64);
+                for (int r = 0; r < PACK_ROWS && t * PACK_ROWS + r < N; r++) {
+                    long row = t * PACK_ROWS + r;
+                    float v = lanes[r];
+                    if (b) v += xt == F32 ? ((const float *)b)[row] : bf16_to_f32(((const uint16_t *)b)[row]);
+                    if (xt == F32)
+                        ((float *)y)[(m + i) * N + row] = v;
+                    else
+                        ((uint16_t *)y)[(m + i) * N + row] = f32_to_bf16(v);
+                }
+            }
+            m += n;
+        }
+    }
+}
+
 /* One copy per format, with the format a constant in it */
 INTERNAL void qgemv_rows(const struct qx *qx, const void *x, enum dtype xt, const void *w, int wt, const void *b,
                          void *y, long M, long N, long K, long n0, long n1) {
@@ -513,18 +793,34 @@ INTERNAL void qgemv_rows(const struct qx *qx, const void *x, enum dtype xt, cons
     case Q5_K: qproduct_rows(qx, x, xt, w, Q5_K, b, y, M, N, K, n0, n1); break;
     case Q6_K: qproduct_rows(qx, x, xt, w, Q6_K, b, y, M, N, K, n0, n1); break;
     case F16: qproduct_rows(qx, x, xt, w, F16, b, y, M, N, K, n0, n1); break;
+    case Q8_0 | PACKED: ptile_product(qx, w, Q8_0, b, y, xt, M, N, K, n0, n1); break;
+    case Q4_0 | PACKED: ptile_product(qx, w, Q4_0, b, y, xt, M, N, K, n0, n1); break;
+    case Q4_1 | PACKED: ptile_product(qx, w, Q4_1, b, y, xt, M, N, K, n0, n1); break;
+    case Q5_0 | PACKED: ptile_product(qx, w, Q5_0, b, y, xt, M, N, K, n0, n1); break;
+    case Q5_1 | PACKED: ptile_product(qx, w, Q5_1, b, y, xt, M, N, K, n0, n1); break;
     }
+}
+
+/* claim for weights of row_bytes per row; where wt is packed, in whole tiles (n1 at most N) */
+INTERNAL int quant_claim(long *next, int wt, long N, long row_bytes, int nt, long *n0, long *n1) {
+    long least = least_rows(row_bytes);
+    if (!(wt & PACKED)) return claim(next, N, least, nt, n0, n1);
+    long tiles = (N + PACK_ROWS - 1) / PACK_ROWS, t0, t1;
+    if (!claim(next, tiles, least / PACK_ROWS > 1 ? least / PACK_ROWS : 1, nt, &t0, &t1)) return 0;
+    *n0 = t0 * PACK_ROWS;
+    *n1 = t1 * PACK_ROWS < N ? t1 * PACK_ROWS : N;
+    return 1;
 }
 
 /* Products of blocks of output rows taken from *next (common.h's claim) until none is left */
 INTERNAL void qgemv_part(const struct qx *qx, const void *x, enum dtype xt, const void *w, int wt, const void *b,
                          void *y, long M, long N, long K, long *next, int nt) {
-    long n0, n1, least = least_rows(quant_row_bytes(wt, K));
-    while (claim(next, N, least, nt, &n0, &n1)) qgemv_rows(qx, x, xt, w, wt, b, y, M, N, K, n0, n1);
+    long n0, n1, rb = quant_row_bytes(wt, K);
+    while (quant_claim(next, wt, N, rb, nt, &n0, &n1)) qgemv_rows(qx, x, xt, w, wt, b, y, M, N, K, n0, n1);
 }
 
 INTERNAL int quant_sizes_ok(int wt, long M, long N, long K) {
-    return M >= 1 && M <= MAX_ROWS && N >= 1 && quant_row_bytes(wt, K) > 0;
+    return M >= 1 && (M <= MAX_ROWS || wt & PACKED) && N >= 1 && quant_row_bytes(wt, K) > 0;
 }
 
 int qwenkit_qgemv(const float *x, const void *w, int wtype, const float *b, float *y, long M, long N, long K,
@@ -533,10 +829,17 @@ int qwenkit_qgemv(const float *x, const void *w, int wtype, const float *b, floa
     void *mem = wtype == F16 ? NULL : malloc(qx_bytes(M, K));
     if (wtype != F16 && !mem) return -2;
     struct qx qx = {0};
-    if (mem) qx = quantize_x(x, F32, M, K, mem);
+    if (mem) qx = qx_layout(M, K, mem);
     long next = 0;
 #pragma omp parallel num_threads(threads)
-    qgemv_part(&qx, x, F32, w, wtype, b, y, M, N, K, &next, omp_get_num_threads());
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (mem) { /* each thread its share of x's rows (prefill's are hundreds) */
+            quantize_rows(&qx, x, F32, K, M * t / nt, M * (t + 1) / nt);
+#pragma omp barrier
+        }
+        qgemv_part(&qx, x, F32, w, wtype, b, y, M, N, K, &next, nt);
+    }
     free(mem);
     return 0;
 }
@@ -563,6 +866,14 @@ static ALWAYS_INLINE void dequantize_row(const uint8_t *row, long K, float *out,
             out[g * GROUP + e] = sa[e / 4] * q + ba[e / 16];
         }
     }
+}
+
+int qwenkit_pack(const void *w, int wtype, long N, long K, void *out, int threads) {
+    if (!packable(wtype) || N < 1 || quant_row_bytes(wtype, K) == 0 || threads < 1) return -1;
+    long tiles = (N + PACK_ROWS - 1) / PACK_ROWS, tb = tile_parts(wtype, K).bytes;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < tiles; t++) pack_tile(w, wtype, N, K, t, (uint8_t *)out + t * tb);
+    return 0;
 }
 
 int qwenkit_dequantize(const void *w, int wtype, long rows, long K, float *out, int threads) {

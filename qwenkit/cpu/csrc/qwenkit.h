@@ -40,10 +40,14 @@ int qwenkit_gemv_bf16(const uint16_t *x, const uint16_t *w, const void *scale, c
                       long N, long K, int threads);
 
 /* Weights in a GGUF block format, w (N, row bytes): wtype is ggml's type number (Q4_0 2, Q4_1 3,
- * Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14; F16 1). y (M, N) = x (M, K) w^T (+ b) for
- * 1 to 8 rows, x, b and y fp32; x is quantized to int8 in blocks of 32 first (not for F16) */
+ * Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14; F16 1), plus 64 for weights that qwenkit_pack
+ * has packed. y (M, N) = x (M, K) w^T (+ b) for 1 to 8 rows (packed: any number), x, b and y
+ * fp32; x is quantized to int8 in blocks of 32 first (not for F16) */
 int qwenkit_qgemv(const float *x, const void *w, int wtype, const float *b, float *y, long M, long N, long K,
                   int threads);
+/* w (N, row bytes) of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 into out, ceil(N / 16) tiles of 16 rows
+ * (16 * row bytes each; quant.c's layout) */
+int qwenkit_pack(const void *w, int wtype, long N, long K, void *out, int threads);
 /* rows of such weights in fp32: out (rows, K) */
 int qwenkit_dequantize(const void *w, int wtype, long rows, long K, float *out, int threads);
 /* x (M, K) fp32 to int8 q (M, K) with a scale per 32 values, d (M, K / 32), as qgemv quantizes it */
