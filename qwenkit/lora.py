@@ -7,7 +7,13 @@ do not move, a LoRA model still loads and saves plain checkpoints, and the adapt
 exactly PEFT's (`...q_proj.lora_A.weight`), so `adapter_model.safetensors` needs no key map beyond
 PEFT's `base_model.model.` prefix.
 
-`merge_lora(model)` folds each adapter into its base weight and puts plain `nn.Linear` layers back.
+A model whose projections are in GGUF blocks (`qwenkit.quant.QuantLinear`: a .gguf file loaded
+as it is, or `qwenkit.quantize`) gets `QuantLoRALinear` layers instead, for inference: the quantized
+layer's own forward (the native kernels, once qwenkit.cpu retypes it) plus the fp32 adapter. The
+adapter's names are the same, so an adapter trained on the full-precision model loads unchanged.
+
+`merge_lora(model)` folds each adapter into its base weight and puts plain `nn.Linear` layers back
+(not into quantized blocks: merge into the full-precision checkpoint, then quantize that).
 `save_adapter`/`load_adapter` read and write `adapter_config.json` + `adapter_model.safetensors`
 that `peft.PeftModel.from_pretrained` loads on transformers' Qwen2ForCausalLM, and
 `merge_checkpoint` is `qwenkit convert merge-lora`.
@@ -33,6 +39,7 @@ from qwenkit.checkpoint import resolve_model_path
 from qwenkit.errors import AdapterError
 from qwenkit.files import atomic_path, atomic_write
 from qwenkit.model import load_model
+from qwenkit.quant import QuantLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,19 +62,24 @@ class LoRALinear(nn.Module):
         if r <= 0:
             raise AdapterError(f"LoRA rank r must be positive, got {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
+        device, dtype = self._hold_base(base)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.reset_lora_parameters()
+
+    def _hold_base(self, base: nn.Linear) -> tuple[torch.device, torch.dtype]:
+        """Take the base layer's weight and bias as this layer's own, frozen; returns the device
+        and dtype of the adapters."""
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         w = base.weight
-        dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.reset_lora_parameters()
+        return w.device, torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -102,6 +114,48 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+class QuantLoRALinear(LoRALinear):
+    """A LoRA layer over a layer in GGUF blocks (qwenkit.quant.QuantLinear), for inference:
+    `base_layer(x) + scaling * B(A(x))`, the adapters in fp32.
+
+    Unlike LoRALinear, which borrows a float base's `weight` and computes the sum in one fused
+    product, this keeps the quantized layer whole as a child, `base_layer` (PEFT's name for the
+    layer it wraps), and calls its forward: there is no float weight to borrow, and the blocks are
+    multiplied where they are, so qwenkit.cpu's retyping (`stream`, which walks every submodule)
+    makes `base_layer` a StreamingQuantLinear and the native kernels run the base product. The
+    adapters keep LoRALinear's names (`q_proj.lora_A.weight`), which are PEFT's, so an adapter
+    trained on the full-precision model loads unchanged. The adapters' gradients are right (the base
+    product is differentiable in x), but training is the full-precision model's (see qwenkit.finetune).
+    """
+
+    def _hold_base(self, base: QuantLinear) -> tuple[torch.device, torch.dtype]:
+        self.base_layer = base
+        for p in base.parameters():  # the bias
+            p.requires_grad_(False)
+        return base.blocks.device, torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., out), in x's dtype
+        a = self.lora_A(self.lora_dropout(x).to(torch.float32))  # (..., r)
+        return y + (self.lora_B(a) * self.scaling).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        raise AdapterError(_quantized_merge_message(self.base_layer.qtype))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", base {self.base_layer.qtype}"
+
+
+def _quantized_merge_message(qtype: str, name: str = "") -> str:
+    return (
+        f"{name + ': ' if name else ''}the base layer is quantized ({qtype} GGUF blocks), so the adapter cannot be "
+        "merged into it without quantizing the merged weights again, which rounds every weight anew. "
+        "Merge into the full-precision checkpoint instead (qwenkit convert merge-lora --model BASE --adapter "
+        "ADAPTER --out MERGED), then quantize that (qwenkit quantize --model MERGED --out MERGED.gguf); or run "
+        "the quantized model with the adapter unmerged, as it is"
+    )
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -268,7 +322,8 @@ def apply_lora(
     """Inject LoRA adapters into `model` in place, freeze every other parameter, and return it.
 
     Args:
-        model: a QwenForCausalLM (or any module with Qwen2's layer names).
+        model: a QwenForCausalLM (or any module with Qwen2's layer names); its projections may
+            be quantized (QuantLinear), for inference.
         r: the adapters' rank.
         alpha: scale numerator; updates are scaled by alpha / r.
         dropout: dropout probability on the adapters' input.
@@ -284,11 +339,12 @@ def apply_lora(
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
+        if isinstance(m, nn.Linear | QuantLinear)
         and _targeted(n, s.targets)
         and (s.layers is None or _layer_index(n) in set(s.layers))
     ]
-    names = [n for n in names if not n.endswith("lm_head")]
+    # Never the LM head, as in PEFT (nor the tied one that a quantized embedding holds).
+    names = [n for n in names if not n.endswith("lm_head") and not n.startswith("model.embed_tokens.")]
     if not names:
         raise AdapterError(
             f"LoRA targets {s.targets!r} match no linear layer of the model"
@@ -301,7 +357,9 @@ def apply_lora(
         parent = model.get_submodule(parent_name)
         rank = int(_pattern_value(name, s.rank_pattern, s.r))
         alpha_ = float(_pattern_value(name, s.alpha_pattern, s.alpha))
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha_, s.dropout, s.use_rslora))
+        base = getattr(parent, child)
+        layer = QuantLoRALinear if isinstance(base, QuantLinear) else LoRALinear
+        setattr(parent, child, layer(base, rank, alpha_, s.dropout, s.use_rslora))
     model.lora_settings = s
     return model
 
@@ -315,8 +373,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain nn.Linear layers back (in place).
 
     Args:
-        model: a model with LoRALinear layers; returned with none left.
+        model: a model with LoRALinear layers; returned with none left. Layers over quantized
+            blocks (QuantLoRALinear) are an AdapterError, raised before anything is merged.
     """
+    quantized = [(name, layer) for name, layer in lora_layers(model) if isinstance(layer, QuantLoRALinear)]
+    if quantized:
+        name, layer = quantized[0]
+        raise AdapterError(_quantized_merge_message(layer.base_layer.qtype, name))
     for name, layer in list(lora_layers(model)):
         parent_name, _, child = name.rpartition(".")
         w = layer.weight
@@ -415,7 +478,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """Apply the adapter of a PEFT folder to `model` (in place) and return it.
 
     Args:
-        model: a QwenForCausalLM without adapters.
+        model: a QwenForCausalLM without adapters, full-precision or quantized (a .gguf file as
+            loaded, or `qwenkit.quantize`d).
         adapter_dir: a folder with adapter_config.json and adapter_model.safetensors.
     """
     settings, state = read_adapter(adapter_dir)
@@ -483,6 +547,7 @@ __all__ = [
     "AdapterError",
     "LoRALinear",
     "LoraSettings",
+    "QuantLoRALinear",
     "apply_lora",
     "load_adapter",
     "initial_lora_weights",

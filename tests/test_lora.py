@@ -1,24 +1,38 @@
 """LoRA: adapters that PEFT loads on transformers' Qwen2 give qwenkit's logits, PEFT's adapters load
-into qwenkit, merged equals unmerged, and `merge_checkpoint` writes base + adapter as one checkpoint."""
+into qwenkit, merged equals unmerged, and `merge_checkpoint` writes base + adapter as one checkpoint;
+on a quantized base (GGUF blocks) an adapter gives the dequantized float model's outputs, through
+the native decoder too."""
 
+import copy
 import json
 
 import pytest
 import torch
+from gguf_files import Q as GGUFType
+from gguf_files import tiny_vocab, write_gguf
 from reference import random_model, tiny_config
 
+import qwenkit
+from qwenkit import cpu
+from qwenkit.cpu import ops
+from qwenkit.cpu.layers import StreamingQuantLinear
+from qwenkit.cpu.stack import NativeDecoder
+from qwenkit.gguf import convert_gguf, load_gguf
 from qwenkit.lora import (
     ALL_LINEAR,
     AdapterError,
     LoRALinear,
+    QuantLoRALinear,
     apply_lora,
     load_adapter,
+    lora_layers,
     lora_state_dict,
     merge_checkpoint,
     merge_lora,
     save_model_adapter,
 )
 from qwenkit.model import load_model
+from qwenkit.quant import QuantLinear, quantize
 
 IDS = torch.tensor([[5, 17, 301, 42, 7, 99, 3, 250, 11, 400, 8, 1]])
 
@@ -193,3 +207,158 @@ def test_adapter_errors_name_the_problem(tmp_path):
         load_adapter(random_model(tiny_config()), tmp_path / "a")
     with pytest.raises(AdapterError, match="match no linear layer"):
         apply_lora(random_model(tiny_config()), targets=["nonexistent"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters on a quantized base (GGUF blocks), for inference
+
+
+def _dequantized_twin(model, quantized):
+    """`model` with each weight that `quantized` holds in blocks replaced by those blocks' fp32 values."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, layer in quantized.named_modules():
+            if isinstance(layer, QuantLinear):
+                twin.get_submodule(name).weight.copy_(layer.dequantized_weight())
+    return twin
+
+
+def _gguf_file(tmp_path, model):
+    """`model` written as a Q8_0 GGUF file as llama.cpp does (embedding and tied head in blocks too),
+    and the folder of its dequantized conversion."""
+    path = write_gguf(tmp_path / "tiny.q8_0.gguf", model, tiny_vocab(512), qtype=GGUFType.Q8_0)
+    return path, convert_gguf(path, tmp_path / "converted")
+
+
+def _save_random_adapter(twin, folder):
+    apply_lora(twin, r=4, alpha=8.0)
+    _randomize_adapters(twin)
+    save_model_adapter(twin, folder)
+    return twin.eval(), folder
+
+
+@pytest.fixture(params=["quantize", "gguf"])
+def quantized_and_twin(request, tmp_path):
+    """(a model in Q8_0 blocks with QuantLinear's reference products, the same as qwenkit.load_model
+    gives it (streaming: quant.c's products), its dequantized float twin with a random non-zero
+    adapter, that adapter's folder): from `quantize` in memory, or from a GGUF file and its conversion."""
+    model = random_model(tiny_config())
+    if request.param == "quantize":
+        plain = quantize(copy.deepcopy(model), "Q8_0", head=False)
+        quantized = cpu.accelerate(copy.deepcopy(plain))
+        twin = _dequantized_twin(model, plain)
+    else:
+        path, folder = _gguf_file(tmp_path, model)
+        plain, quantized, twin = load_gguf(path), qwenkit.load_model(path), load_model(folder)
+    return plain, quantized, *_save_random_adapter(twin, tmp_path / "adapter")
+
+
+def test_an_adapter_on_a_quantized_base_equals_it_on_the_dequantized_weights(quantized_and_twin):
+    plain, quantized, twin, adapter = quantized_and_twin
+    with torch.no_grad():
+        without = quantized(IDS).logits
+    for m in (plain, quantized):
+        load_adapter(m, adapter)
+        assert len(dict(lora_layers(m))) == len(ALL_LINEAR) * m.config.num_hidden_layers
+    assert all(type(m.base_layer) is QuantLinear for _, m in lora_layers(plain))
+    assert all(type(m.base_layer) is StreamingQuantLinear for _, m in lora_layers(quantized))
+    # the adapter's names are PEFT's, the same as on the full-precision model; it is kept in fp32
+    assert lora_state_dict(quantized).keys() == lora_state_dict(twin).keys()
+    assert all(p.dtype == torch.float32 for p in lora_state_dict(quantized).values())
+    with torch.no_grad():
+        reference, ours, theirs = plain(IDS).logits, quantized(IDS).logits, twin(IDS).logits
+    # QuantLinear's own products (dequantized tiles, fp32) are the float model's up to summation order
+    torch.testing.assert_close(reference, theirs, rtol=0, atol=1e-5)
+    # quant.c's products quantize x to int8 in blocks of 32 first: close, not equal
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-2
+    assert ((ours - without).norm() / theirs.norm()).item() > 0.05  # the adapter is really applied
+
+
+@pytest.mark.parametrize("rows", [1, 12])
+def test_a_lora_layer_on_quantized_blocks_adds_the_update_to_the_blocks_own_product(rows):
+    # base(x) + scaling * B A x, the base being the streaming layer's own product (quant.c), the
+    # update in fp32 (its small products stream too: only the summation order differs)
+    torch.manual_seed(0)
+    base = quantize(torch.nn.Sequential(torch.nn.Linear(64, 48)), "Q8_0")[0]
+    layer = QuantLoRALinear(base, r=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    cpu.stream(layer)
+    assert type(layer.base_layer) is StreamingQuantLinear
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        expected = layer.base_layer(x) + 2.0 * (x @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_greedy_generation_with_an_adapter_on_a_quantized_base_is_the_float_models(quantized_and_twin, monkeypatch):
+    _, quantized, twin, adapter = quantized_and_twin
+    load_adapter(quantized, adapter)
+    cache = qwenkit.KVCache(quantized.config, 2, 32)
+    decoder = quantized.decoder(cache)
+    # the LoRA layers keep the blocks out of the one-call stack: the native decoder runs the blocks
+    # module by module, each base product through quant.c's kernel (counted here)
+    assert isinstance(decoder, NativeDecoder) and decoder.stack is None
+    calls = []
+    qgemv = ops.qgemv
+    monkeypatch.setattr(ops, "qgemv", lambda *a, **k: calls.append(1) or qgemv(*a, **k))
+    ids = torch.tensor([[5, 17, 301, 42, 7, 99], [3, 250, 11, 400, 8, 1]])
+    ours = quantized.generate(ids, max_new_tokens=8, do_sample=False)
+    assert len(calls) >= 7 * len(ALL_LINEAR) * quantized.config.num_hidden_layers
+    assert torch.equal(ours, twin.generate(ids, max_new_tokens=8, do_sample=False))
+    # and not the quantized model's own tokens without the adapter
+    merged_away = copy.deepcopy(quantized)
+    for name, layer in list(lora_layers(merged_away)):
+        parent, _, child = name.rpartition(".")
+        setattr(merged_away.get_submodule(parent), child, layer.base_layer)
+    assert not torch.equal(ours, merged_away.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_merging_into_a_quantized_base_is_a_clear_error(quantized_and_twin):
+    _, quantized, _, adapter = quantized_and_twin
+    load_adapter(quantized, adapter)
+    with pytest.raises(AdapterError, match=r"q_proj: the base layer is quantized \(Q8_0.*convert merge-lora.*quantize"):
+        merge_lora(quantized)
+    assert len(dict(lora_layers(quantized))) == len(ALL_LINEAR) * quantized.config.num_hidden_layers  # untouched
+
+
+def test_adapter_gradients_on_a_quantized_base_are_the_float_models():
+    # Not a supported way to train (the trainer refuses a GGUF base), but never silently wrong.
+    model = random_model(tiny_config())
+    quantized = cpu.accelerate(quantize(copy.deepcopy(model), "Q8_0", head=False))
+    twin = _dequantized_twin(model, quantized)
+    for m in (quantized, twin):
+        apply_lora(m, r=4, alpha=8.0)
+        _randomize_adapters(m)
+        m(IDS, labels=IDS).loss.backward()
+    theirs = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    ours = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys()
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fine_tuning_a_gguf_base_is_refused_with_the_way_to_do_it():
+    from qwenkit.errors import RecipeError
+    from qwenkit.finetune.config import load_config
+
+    with pytest.raises(RecipeError, match=r"key 'model'.*GGUF file.*inference only.*full-precision checkpoint"):
+        load_config(None, {"model": "qwen2.5-7b-instruct-q4_k_m.gguf", "data": "train.jsonl", "output": "runs/x"})
+
+
+def test_generate_command_runs_a_gguf_file_with_an_adapter(tmp_path, capsys):
+    from qwenkit.cli import main
+    from qwenkit.generate import SamplingParams
+    from qwenkit.text import complete
+
+    path, folder = _gguf_file(tmp_path, random_model(tiny_config()))
+    twin, adapter = _save_random_adapter(load_model(folder), tmp_path / "adapter")
+    command = ["generate", "--model", str(path), "--raw", "--prompt", "the the", "--max-new-tokens", "6"]
+    outputs = []
+    for flags in ([], ["--adapter", str(adapter)]):
+        assert main([*command, "--temperature", "0", *flags]) == 0
+        outputs.append(capsys.readouterr().out.strip())
+    tok = qwenkit.load_tokenizer(path)
+    params = SamplingParams.from_model(twin, max_new_tokens=6, do_sample=False)
+    assert outputs[1] == complete(twin, tok, ["the the"], params, chat=False)[0].text.strip()
+    assert outputs[1] != outputs[0]  # the flag really applies the adapter

@@ -1,6 +1,6 @@
 """What the commands that run a model share: the dtype names, the sampling flags and the weights'
-flags (each a dataclass whose fields a command takes as `Flags`), the model from --model, --dtype
-and --quantize, and the sampling parameters from the sampling flags.
+flags (each a dataclass whose fields a command takes as `Flags`), the model from --model, --dtype,
+--quantize and --adapter, and the sampling parameters from the sampling flags.
 
 Torch is imported inside the functions: `qwenkit --help` imports this module and should not pay
 for it.
@@ -73,10 +73,13 @@ class Weights:
         quantize: quantize a checkpoint's weights to Q8_0 in memory (8.5 bits a weight, a quarter of
             fp32's memory traffic; slightly different outputs). A .gguf --model runs as the file
             stores it (Q4_K_M, Q8_0, ...) without this flag.
+        adapter: a LoRA adapter folder (PEFT's format, as `qwenkit finetune --method lora` writes it)
+            applied on top of the weights, quantized or not, without merging it.
     """
 
     dtype: Dtype = "float32"
     quantize: bool = False
+    adapter: str | None = None
 
 
 WeightFlags = Annotated[Weights, Flags()]
@@ -93,11 +96,14 @@ def check_max_new_tokens(max_new_tokens: int | None) -> None:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
 
 
-def load_from_flags(model: str | os.PathLike | None, dtype: str, quantize: bool = False):
-    """(model, tokenizer) for --model (None or "default": the default model), --dtype and --quantize."""
+def load_from_flags(model: str | os.PathLike | None, dtype: str, quantize: bool = False, adapter: str | None = None):
+    """(model, tokenizer) for --model (None or "default": the default model), --dtype, --quantize and
+    --adapter (applied last, so that it sits on the quantized layers)."""
     from qwenkit.hub import load
+    from qwenkit.lora import load_adapter
 
-    return load(model, torch_dtype(dtype), quantize)
+    m, tok = load(model, torch_dtype(dtype), quantize)
+    return (m if adapter is None else load_adapter(m, adapter)), tok
 
 
 def sampling_from_flags(model, *, greedy: bool = False, **flags) -> SamplingParams:

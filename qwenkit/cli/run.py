@@ -121,7 +121,7 @@ def generate(
         raise UserError("give either --prompt TEXT or --input FILE.jsonl")
     if input is not None and output is None:
         raise UserError("--input needs --output FILE.jsonl")
-    m, tok = load_from_flags(model, weights.dtype, weights.quantize)
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     params = sampling_from_flags(m, **dataclasses.asdict(sampling))
     if input is not None:
         return _generate_file(m, tok, params, Path(input), Path(output), stop or [], chat, system, batch_size)
@@ -218,7 +218,7 @@ def chat(
     """
     from qwenkit.cli import repl
 
-    m, tok = load_from_flags(model, weights.dtype, weights.quantize)
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     params = sampling_from_flags(m, **dataclasses.asdict(sampling))
     session = repl.ChatSession(m, tok, params, system=system)
     if message is None:

@@ -62,7 +62,7 @@ def serve(
     from qwenkit.server.engine import Engine
 
     folder = resolve_model(model)
-    m, tok = load_from_flags(folder, weights.dtype, weights.quantize)
+    m, tok = load_from_flags(folder, weights.dtype, weights.quantize, weights.adapter)
     api_key = api_key or os.environ.get("QWENKIT_API_KEY") or None
     name = served_model_name or ("default" if model == "default" else folder.resolve().name)
     engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)

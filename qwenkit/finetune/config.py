@@ -277,6 +277,13 @@ def validate(c: FinetuneConfig) -> None:
         _bad("betas", f"must be two numbers in [0, 1); got {c.betas!r}")
     if c.max_seq_len < 8:
         _bad("max_seq_len", f"must be at least 8 tokens; got {c.max_seq_len}")
+    if c.model.lower().endswith(".gguf"):  # quantized blocks are for inference: no QLoRA-style training
+        _bad(
+            "model",
+            f"{c.model!r} is a GGUF file, whose quantized weights qwenkit runs for inference only; train on "
+            "the full-precision checkpoint folder (or the folder `qwenkit convert gguf` writes from the file), "
+            "then run the adapter on the GGUF file (qwenkit generate --model FILE.gguf --adapter OUTPUT)",
+        )
     targets = c.lora_targets
     if not targets:
         _bad("lora_targets", "is empty")
