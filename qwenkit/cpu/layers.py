@@ -63,6 +63,10 @@ class StreamingQuantLinear(QuantLinear):
                     return y.to(x.dtype)
         return super().forward(x)
 
+    def dequantize_rows(self, n0: int, n1: int) -> torch.Tensor:
+        w = ops.dequantize(self.blocks[n0:n1], self.qtype, self.in_features)
+        return super().dequantize_rows(n0, n1) if w is None else w
+
 
 class StreamingQuantEmbedding(QuantEmbedding):
     def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
