@@ -16,7 +16,10 @@ tests make. The gguf package still names the tensor types and their block sizes.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import struct
+import sys
 from os import PathLike
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -204,3 +207,37 @@ class GGUFFile:
             value, offset = self._value(item_type, offset)
             items.append(value)
         return items, offset
+
+
+# -- giving back a view's pages ----------------------------------------------------------------
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4  # Linux's number
+
+
+def drop_pages(address: int, nbytes: int) -> bool:
+    """Take the resident pages of [address, address + nbytes) out of this process, where the range
+    lies inside one file mapping (a GGUFFile's, say) that nothing wrote to: the kernel reads them
+    again from the page cache or the file if they are touched later, so the values never change,
+    but they stop counting in the process's memory. For weights copied once into another layout
+    (quant.c's packed tiles), this keeps them from being held twice. Only whole pages inside the
+    range; False (nothing done) where the range is not file-mapped or off Linux.
+
+    A copy-on-write page that was written would lose the write: call it only on views that are
+    read, never written (GGUFFile's tensors are)."""
+    start, end = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
+    if end <= start or not sys.platform.startswith("linux") or not _file_mapped(address, address + nbytes):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
+
+
+def _file_mapped(start: int, end: int) -> bool:
+    """Whether [start, end) lies in one mapping of a file (an inode, not anonymous memory)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _, _, _, inode, *_ = line.split() + [""]
+            lo, hi = (int(v, 16) for v in span.split("-"))
+            if lo <= start < hi:
+                return end <= hi and inode not in ("0", "")
+    return False

@@ -4,13 +4,16 @@ and a clear GGUFError, never another exception, for every damaged file."""
 
 from __future__ import annotations
 
+import sys
+
 import gguf
 import numpy as np
 import pytest
 import test_gguf_export
+import torch
 
 from qwenkit.errors import GGUFError
-from qwenkit.gguf_file import GGUFFile
+from qwenkit.gguf_file import GGUFFile, drop_pages
 
 T = gguf.GGUFValueType
 qwen_vocab_folder = test_gguf_export.qwen_vocab_folder  # the fixture: a tiny model, the real vocabulary
@@ -140,3 +143,33 @@ def test_an_unknown_value_type_names_the_key(tmp_path):
     path.write_bytes(data)
     with pytest.raises(GGUFError, match="metadata key 'yes': .*value type 42"):
         GGUFFile(path)
+
+
+def _resident_kb(address: int) -> int:
+    """The resident kB of the mapping that holds `address` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the address")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_drop_pages_gives_back_a_mapped_tensors_pages_and_keeps_its_values(tmp_path):
+    path = _write(tmp_path / "m.gguf", tensors=[("w", "F32", (1024, 1024))])  # 4 MiB
+    w = GGUFFile(path, "c").tensors[0].data
+    expected = np.array(w)  # reads every page: resident
+    address = w.ctypes.data
+    before = _resident_kb(address)
+    assert before >= 4096
+    assert drop_pages(address, w.nbytes)
+    assert _resident_kb(address) <= before - 4000
+    assert np.array_equal(w, expected)  # read again from the file
+    anonymous = torch.ones(1 << 20)  # not a file's pages: left alone
+    assert not drop_pages(anonymous.data_ptr(), anonymous.numel() * 4)
+    assert bool((anonymous == 1).all())

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.cpu import ops
+from qwenkit.gguf_file import drop_pages
 from qwenkit.model import Attention, RMSNorm
 from qwenkit.quant import QuantEmbedding, QuantLinear
 
@@ -42,7 +43,8 @@ class StreamingQuantLinear(QuantLinear):
     decoding and prefill alike, with x quantized to int8. The others (K-quants, F16) multiply the
     file's blocks for a few rows, and prefill dequantizes tiles of rows into a matmul, never the
     whole weight at once. The packed copy is the one state this subclass adds (not in state dicts:
-    it is made again from the blocks)."""
+    it is made again from the blocks); blocks that are views of a mapped file give their pages
+    back once packed, so the weights are resident once."""
 
     def kernel_weights(self) -> tuple[torch.Tensor, bool]:
         """The weights the kernels read: the packed tiles (True), or the blocks as they are."""
@@ -51,6 +53,9 @@ class StreamingQuantLinear(QuantLinear):
             packed = ops.pack(self.blocks, self.qtype)
             if packed is not None:
                 self.__dict__["_packed"] = packed
+                # Blocks mapped from a GGUF file would now be resident twice; the file's pages go
+                # back (read again from the page cache if a state dict or a dequantize wants them).
+                drop_pages(self.blocks.data_ptr(), self.blocks.numel())
         return (self.blocks, False) if packed is None else (packed, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
