@@ -362,3 +362,28 @@ def test_generate_command_runs_a_gguf_file_with_an_adapter(tmp_path, capsys):
     params = SamplingParams.from_model(twin, max_new_tokens=6, do_sample=False)
     assert outputs[1] == complete(twin, tok, ["the the"], params, chat=False)[0].text.strip()
     assert outputs[1] != outputs[0]  # the flag really applies the adapter
+
+
+def test_the_applications_run_a_gguf_file_with_an_adapter(tmp_path, capsys, monkeypatch):
+    import qwenkit.lora
+    from qwenkit.cli import main
+    from qwenkit.tasks import write
+
+    path, folder = _gguf_file(tmp_path, random_model(tiny_config()))
+    _, adapter = _save_random_adapter(load_model(folder), tmp_path / "adapter")
+    assert main(["write", "the the", "--model", str(path), "--temperature", "0", "--max-new-tokens", "6",
+                 "--adapter", str(adapter)]) == 0  # fmt: skip
+    tuned, tok = load_adapter(qwenkit.load_model(path), adapter), qwenkit.load_tokenizer(path)
+    params = write.TASK.sampling(tuned, 6, 0.0, None)
+    expected = write.join("the the", write.write(tuned, tok, ["the the"], params, "continue")[0])
+    assert capsys.readouterr().out.strip() == expected.strip()
+    applied = []  # every application loads the adapter onto the quantized model it runs
+    monkeypatch.setattr(qwenkit.lora, "load_adapter", lambda m, a: applied.append(a) or load_adapter(m, a))
+    short = ["--max-new-tokens", "2"]
+    for app in (["qa", "why?", *short], ["translate", "hello", "--to", "French", *short], ["sentiment", "good"],
+                ["code", "add", *short]):  # fmt: skip
+        # (code exits 1 when the reply holds no code, as a random model's does not)
+        assert main([*app, "--model", str(path), "--adapter", str(adapter)]) in (0, 1), app
+        assert applied.pop() == str(adapter) and isinstance(capsys.readouterr().out, str)
+    assert main(["eval", "sentiment", "--predictions", str(tmp_path / "p.jsonl"), "--adapter", str(adapter)]) == 2
+    assert "--adapter goes on a --model" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from qwenkit.cli.common import Decoding, Dtype, Sampling, load_from_flags
+from qwenkit.cli.common import Decoding, Sampling, WeightFlags, Weights, load_from_flags
 from qwenkit.cli.signature import Flags
 from qwenkit.errors import DataError, UserError
 from qwenkit.tasks import EvalOptions
@@ -30,7 +30,7 @@ def write(
     model: str = "default",
     style: Literal["continue", "story", "news", "dialogue"] = "continue",
     sampling: Decoding = Sampling(max_new_tokens=256),
-    dtype: Dtype = "float32",
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Write with the model: continue a text, or write a story, a news article or a dialogue from a prompt.
 
@@ -44,11 +44,10 @@ def write(
         max_new_tokens: the longest piece, in tokens.
         temperature: sampling temperature; 0 means greedy.
         seed: random seed, to reproduce a sampled piece.
-        dtype: the weights' dtype in memory.
     """
     from qwenkit.tasks import write as task
 
-    m, tok = load_from_flags(model, dtype)
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     params = _sampling(task.TASK, m, sampling)
     piece = task.write(m, tok, [prompt], params, style)[0]
     print(task.join(prompt, piece) if style == "continue" else piece)
@@ -62,7 +61,7 @@ def qa(
     context: list[str] | None = None,
     top_k: int = 3,
     sampling: Decoding = Sampling(max_new_tokens=128),
-    dtype: Dtype = "float32",
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Answer a question, closed-book or from given documents, citing the passages the answer used.
 
@@ -77,13 +76,12 @@ def qa(
         max_new_tokens: the longest reply, in tokens.
         temperature: sampling temperature (default: greedy).
         seed: random seed, to reproduce a sampled answer.
-        dtype: the weights' dtype in memory.
     """
     from qwenkit.tasks import qa as task
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    m, tok = load_from_flags(model, dtype)
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     params = _sampling(task.TASK, m, sampling)
     result = task.answer(m, tok, [question], params, [context], top_k)[0]
     print(result.answer or "(no answer)")
@@ -106,7 +104,7 @@ def translate(
     from_: str | None = None,
     batch_size: int = 8,
     sampling: Decoding = Sampling(max_new_tokens=256),
-    dtype: Dtype = "float32",
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Translate text into another language; prints the translation only.
 
@@ -124,7 +122,6 @@ def translate(
         max_new_tokens: the longest translation of one sentence, in tokens.
         temperature: sampling temperature (default: greedy).
         seed: random seed, to reproduce a sampled translation.
-        dtype: the weights' dtype in memory.
     """
     from qwenkit.tasks import translate as task
 
@@ -136,7 +133,7 @@ def translate(
         detected = task.detect_language(text)
         source = task.resolve_language(detected)
         print(f"source language: {source[1]} (detected)", file=sys.stderr)
-    m, tok = load_from_flags(model, dtype)
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     params = _sampling(task.TASK, m, sampling)
     print(task.translate(m, tok, [text], target[0], params, source[0], batch_size)[0])
     return 0
@@ -151,7 +148,7 @@ def sentiment(
     output: str | None = None,
     batch_size: int = 8,
     calibrate: bool = False,
-    dtype: Dtype = "float32",
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Classify the sentiment of a text, or of every row of a JSONL file, with the labels' probabilities.
 
@@ -167,7 +164,6 @@ def sentiment(
         output: where the classified rows of --input go (default: standard output).
         batch_size: texts scored together.
         calibrate: correct for the model's prior over the labels (contextual calibration, Zhao et al. 2021).
-        dtype: the weights' dtype in memory.
     """
     from qwenkit.tasks import sentiment as task
     from qwenkit.tasks.jsonl import read_jsonl, write_jsonl
@@ -183,7 +179,7 @@ def sentiment(
         bad = [n for n, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)]
         if bad:
             raise DataError(f'row(s) {", ".join(map(str, bad[:5]))} have no "text" string', file=input)
-    m, tok = load_from_flags(model, dtype)
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     if rows is None:
         result = task.classify(m, tok, [text], names, calibrate=calibrate)[0]
         print(result.label)
@@ -210,7 +206,7 @@ def code(
     repair: int = 0,
     timeout: float = 10.0,
     sampling: Decoding = Sampling(max_new_tokens=512),
-    dtype: Dtype = "float32",
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Generate code for a task; with --test, run the tests in the sandbox, and with --repair N, feed
     failures back and retry up to N times.
@@ -232,7 +228,6 @@ def code(
         max_new_tokens: the longest reply, in tokens.
         temperature: sampling temperature (default: greedy).
         seed: random seed, to reproduce sampled replies.
-        dtype: the weights' dtype in memory.
     """
     from pathlib import Path
 
@@ -248,7 +243,7 @@ def code(
             raise UserError(f"--test {test}: {e.strerror}") from None
         if app.normalize_lang(lang) != "python":
             raise UserError(f"--test runs Python tests; --lang {lang} cannot be tested")
-    m, tok = load_from_flags(model, dtype)
+    m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     params = _sampling(app.TASK, m, sampling)
     result = app.generate_code(
         m, tok, task, params, lang=lang, tests=tests, entry_point=entry_point, repair=repair, timeout=timeout
@@ -277,7 +272,7 @@ def eval_(
     data: str | None = None,
     model: str | None = None,
     options: Annotated[EvalOptions, Flags()] = EvalOptions(),  # passed on to `evaluate` as they are
-    dtype: Dtype = "float32",
+    weights: WeightFlags = Weights(),
 ) -> int:
     """Evaluate a task with its standard metric: generate with --model then score, or score
     --predictions made elsewhere (no model needed; given both, the model only scores, as write's
@@ -303,13 +298,14 @@ def eval_(
         samples: replies per row (not for sentiment, which scores fixed labels); code scores pass@k over them.
         timeout: seconds each code program may run.
         seed: random seed for sampled generation.
-        dtype: the weights' dtype in memory.
     """
     from qwenkit.tasks.evaluate import evaluate
 
     m = tok = None
+    if model is None and weights.adapter is not None:
+        raise UserError("--adapter goes on a --model; scoring --predictions needs neither")
     if model is not None:
-        m, tok = load_from_flags(model, dtype)
+        m, tok = load_from_flags(model, weights.dtype, weights.quantize, weights.adapter)
     result = evaluate(task, data, model=m, tok=tok, **vars(options))
     print(json.dumps(result, indent=2, ensure_ascii=False))
     print(f"wrote predictions.jsonl and metrics.json to {options.output or f'eval-{task}'}", file=sys.stderr)
