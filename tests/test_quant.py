@@ -95,6 +95,9 @@ def test_each_packed_product_equals_the_dequantized_product(kernels, qtype, rows
     blocks = random_blocks(qtype, N, K, seed=rows)
     packed = ops.pack(blocks, qtype, lib=kernels)
     assert packed.shape == (3, 16 * blocks.shape[1])  # the file's bytes, in whole tiles
+    chunks = []  # packed a tile at a time, each chunk's blocks handed on when done: the same tiles
+    assert torch.equal(ops.pack(blocks, qtype, lib=kernels, done=chunks.append, chunk_rows=16), packed)
+    assert [c.shape[0] for c in chunks] == [16, 16, 5] and torch.equal(torch.cat(chunks), blocks)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(N)
     y = ops.qgemv(x, packed, qtype, bias, lib=kernels, packed_rows=N)

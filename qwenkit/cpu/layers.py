@@ -50,12 +50,12 @@ class StreamingQuantLinear(QuantLinear):
         """The weights the kernels read: the packed tiles (True), or the blocks as they are."""
         packed = self.__dict__.get("_packed")
         if packed is None and self.qtype in ops.PACKABLE:
-            packed = ops.pack(self.blocks, self.qtype)
+            # Blocks mapped from a GGUF file would be resident twice, packed and as the file's
+            # pages: each chunk's pages go back once it is packed (read again from the page cache
+            # if a state dict or a dequantize wants them).
+            packed = ops.pack(self.blocks, self.qtype, done=lambda b: drop_pages(b.data_ptr(), b.numel()))
             if packed is not None:
                 self.__dict__["_packed"] = packed
-                # Blocks mapped from a GGUF file would now be resident twice; the file's pages go
-                # back (read again from the page cache if a state dict or a dequantize wants them).
-                drop_pages(self.blocks.data_ptr(), self.blocks.numel())
         return (self.blocks, False) if packed is None else (packed, True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

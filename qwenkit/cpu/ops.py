@@ -10,6 +10,7 @@ D head dim.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
@@ -148,10 +149,12 @@ PACKABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 PACKED, PACK_ROWS = 64, 16
 
 
-def pack(blocks: torch.Tensor, qtype: str, lib=None) -> torch.Tensor | None:
+def pack(blocks: torch.Tensor, qtype: str, lib=None, done: Callable[[torch.Tensor], object] | None = None,
+         chunk_rows: int = 4096) -> torch.Tensor | None:  # fmt: skip
     """`blocks` (N, row bytes) of a PACKABLE format in quant.c's tiles: uint8 (ceil(N / 16),
     16 * row bytes), for qgemv's `packed_rows=N`; None where the format has no packed layout or the
-    library is unavailable."""
+    library is unavailable. Packed `chunk_rows` rows (a multiple of 16) at a time, `done` called
+    with each chunk's blocks once they are packed (to give back their pages as it goes)."""
     if qtype not in PACKABLE or blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
         return None
     fn = function("qwenkit_pack", lib=lib)
@@ -160,7 +163,14 @@ def pack(blocks: torch.Tensor, qtype: str, lib=None) -> torch.Tensor | None:
     N, rb = blocks.shape
     K = rb // BLOCK_FORMATS[qtype][2] * BLOCK_FORMATS[qtype][1]
     out = torch.empty(-(-N // PACK_ROWS), PACK_ROWS * rb, dtype=torch.uint8)
-    _check(fn(blocks.data_ptr(), BLOCK_FORMATS[qtype][0], N, K, out.data_ptr(), torch.get_num_threads()), "pack")
+    step = max(chunk_rows // PACK_ROWS, 1) * PACK_ROWS  # whole tiles: chunk n's are out's rows n0 / 16 on
+    for n0 in range(0, N, step):
+        chunk = blocks[n0 : n0 + step]
+        tiles = out[n0 // PACK_ROWS :]
+        _check(fn(chunk.data_ptr(), BLOCK_FORMATS[qtype][0], chunk.shape[0], K, tiles.data_ptr(),
+                  torch.get_num_threads()), "pack")  # fmt: skip
+        if done is not None:
+            done(chunk)
     return out
 
 
