@@ -39,12 +39,12 @@ from qwenkit.tokenizer import Tokenizer, added_tokens_decoder
 ARCHITECTURES = ("llama", "qwen2")
 
 # llama.cpp tensor names -> Hugging Face parameter names (blk.N.* -> model.layers.N.*).
-_GLOBAL_TENSORS = {
+GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_TENSORS = {
+BLOCK_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias",
@@ -67,7 +67,7 @@ _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_SPLIT_PATTERNS = {
+SPLIT_PATTERNS = {
     "qwen2": QWEN2_PATTERN,
     "deepseek-r1-qwen": QWEN2_PATTERN,  # the DeepSeek-R1 distills of Qwen2.5 (architecture qwen2)
     "llama3": _LLAMA3_PATTERN,
@@ -84,7 +84,7 @@ _GPT2_PRE = {"gpt-2", "gpt2", "default"}
 _EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>")
 
 
-def _gguf_lib():
+def gguf_lib():
     try:
         import gguf
     except ImportError:
@@ -152,7 +152,7 @@ def convert_gguf(
 
 
 def _open(path: Path, mode: str = "r") -> GGUFFile:
-    _gguf_lib()  # the type names come from it
+    gguf_lib()  # the type names come from it
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     try:
@@ -280,11 +280,11 @@ def config_from_metadata(
 
 
 def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TENSORS:
-        return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK_TENSORS:
+        return f"model.layers.{parts[1]}.{BLOCK_TENSORS[parts[2]]}"
     return None
 
 
@@ -313,7 +313,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _dequantize(tensor, path: Path) -> np.ndarray:
-    gguf = _gguf_lib()
+    gguf = gguf_lib()
     qtype = tensor.tensor_type
     try:
         values = gguf.quants.dequantize(tensor.data, qtype)
@@ -424,7 +424,7 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
     if len(types) != len(tokens):
         raise GGUFError(f"{where}: {len(types)} token types for {len(tokens)} tokens")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    known = sorted({*_SPLIT_PATTERNS, *_DIGITS_THEN_GPT2, *_GPT2_PRE})
+    known = sorted({*SPLIT_PATTERNS, *_DIGITS_THEN_GPT2, *_GPT2_PRE})
     if pre not in known:
         raise GGUFError(
             f"{where}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer qwenkit does not know "
@@ -445,10 +445,10 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
             raise GGUFError(f"{where}: merge {merge!r} is not two tokens separated by one space")
         pairs.append((parts[0], parts[1]))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    if pre in _SPLIT_PATTERNS:
+    if pre in SPLIT_PATTERNS:
         tk.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_SPLIT_PATTERNS[pre]), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(SPLIT_PATTERNS[pre]), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )

@@ -32,7 +32,7 @@ from qwenkit.checkpoint import checkpoint_files, iter_tensors, read_generation_c
 from qwenkit.config import QwenConfig, from_hf_config
 from qwenkit.errors import CheckpointError, GGUFError, UserError
 from qwenkit.files import atomic_path
-from qwenkit.gguf import _BLOCK_TENSORS, _GLOBAL_TENSORS, _SPLIT_PATTERNS, _gguf_lib, tokenizer_from_metadata
+from qwenkit.gguf import BLOCK_TENSORS, GLOBAL_TENSORS, SPLIT_PATTERNS, gguf_lib, tokenizer_from_metadata
 from qwenkit.model import QwenForCausalLM
 from qwenkit.tokenizer import Tokenizer, load_tokenizer
 
@@ -40,8 +40,8 @@ from qwenkit.tokenizer import Tokenizer, load_tokenizer
 QTYPES = ("q8_0", "q4_0")
 
 # Hugging Face parameter names -> llama.cpp tensor names: gguf.py's tables, inverted.
-_HF_GLOBAL = {hf: name for name, hf in _GLOBAL_TENSORS.items()}
-_HF_BLOCK = {hf: name for name, hf in _BLOCK_TENSORS.items()}
+_HF_GLOBAL = {hf: name for name, hf in GLOBAL_TENSORS.items()}
+_HF_BLOCK = {hf: name for name, hf in BLOCK_TENSORS.items()}
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
@@ -85,7 +85,7 @@ def write_gguf(
     Returns:
         the file's path.
     """
-    gguf = _gguf_lib()
+    gguf = gguf_lib()
     if qtype not in QTYPES:
         raise UserError(f"quantization type {qtype!r}: choose {' or '.join(QTYPES)}")
     source = resolve_model_path(folder)
@@ -218,7 +218,7 @@ def gguf_metadata(
         qtype: "q8_0" or "q4_0".
         name: general.name (the folder's name).
     """
-    gguf = _gguf_lib()
+    gguf = gguf_lib()
     arch = config.model_type
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_Q4_0
     meta: dict[str, Any] = {
@@ -339,7 +339,7 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     if kinds == ["Split", "ByteLevel"]:
         pattern = (steps[0].get("pattern") or {}).get("Regex")
         for name in ("qwen2", "llama-bpe"):
-            if pattern == _SPLIT_PATTERNS[name]:
+            if pattern == SPLIT_PATTERNS[name]:
                 return name
     elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex"):
         return "smollm"  # SmolLM's: single digits, then GPT-2's byte-level regex
