@@ -17,7 +17,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
-import gguf, numpy
+import gguf
 from qwenkit.gguf_file import GGUFFile
 def rss(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024

@@ -17,6 +17,7 @@ tests make. The gguf package still names the tensor types and their block sizes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import struct
 import sys
@@ -31,7 +32,7 @@ from qwenkit.errors import GGUFError
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
-STRING, ARRAY = 8, 9
+STRING, ARRAY, UINT64 = 8, 9, 10
 # GGUF's scalar value types: type number -> numpy dtype (little-endian, as every file is).
 SCALARS = {
     0: np.dtype("<u1"),
@@ -51,6 +52,14 @@ _ELEMENTS = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.i
              "I32": np.int32, "I64": np.int64}  # fmt: skip
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+
+
+class _Corrupt(Exception):
+    """What is wrong at a byte of the file; GGUFFile turns it into the one GGUFError."""
+
+    def __init__(self, offset: int, what: str):
+        super().__init__(offset, what)
+        self.offset, self.what = offset, what
 
 
 class Tensor(NamedTuple):
@@ -76,66 +85,71 @@ class GGUFFile:
     """
 
     def __init__(self, path: str | PathLike, mode: str = "r"):
-        import gguf  # the type names and block sizes
-
         self.path = Path(path)
-        if self.path.stat().st_size < 24:  # numpy cannot map an empty file; no header is this short
-            raise self._error(0, f"{self.path.stat().st_size} bytes, shorter than GGUF's header (truncated download?)")
+        size = self.path.stat().st_size
+        if size < 24:  # numpy cannot map an empty file; no header is this short
+            raise self._error(0, f"{size} bytes, shorter than GGUF's header (truncated download?)")
         self.data = np.memmap(self.path, mode=mode)
         self._view = memoryview(self.data)
-        self.alignment = DEFAULT_ALIGNMENT
+        self._within = ""  # the metadata key or tensor being read, for the error
+        try:
+            self._read()
+        except _Corrupt as e:
+            raise self._error(e.offset, self._within + e.what) from None
+
+    def _read(self) -> None:
+        import gguf  # the type names and block sizes
+
         if bytes(self._view[:4]) != MAGIC:
-            raise self._error(0, f"does not start with GGUF's magic (starts {bytes(self._view[:4])!r})")
+            raise _Corrupt(0, f"does not start with GGUF's magic (starts {bytes(self._view[:4])!r})")
         version = self._u32(4)
         if version not in VERSIONS:
             swapped = version and not version & 0xFFFF  # a big-endian file: its version reads as N << 24
             what = "a big-endian GGUF, which qwenkit does not read" if swapped else f"GGUF version {version}"
-            raise self._error(4, f"is {what} (qwenkit reads versions {' and '.join(map(str, VERSIONS))})")
+            raise _Corrupt(4, f"is {what} (qwenkit reads versions {' and '.join(map(str, VERSIONS))})")
         n_tensors, n_kv = self._u64(8), self._u64(16)
         self.metadata: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
         offset = 24
         for _ in range(n_kv):
-            start = offset
             key, offset = self._string(offset)
-            try:
-                value_type, offset = self._u32(offset), offset + 4
-                self.metadata[key], offset = self._value(value_type, offset)
-            except GGUFError as e:
-                raise self._error(start, f"metadata key '{key}': {e.args[0]}") from None
+            self._within = f"metadata key '{key}': "
+            value_type, offset = self._u32(offset), offset + 4
+            self.metadata[key], offset = self._value(value_type, offset)
+            self._within = ""
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise self._error(offset, f"general.alignment is {alignment!r}, not a power of two")
+            raise _Corrupt(offset, f"general.alignment is {alignment!r}, not a power of two")
         self.alignment = alignment
         table = []
         for _ in range(n_tensors):
             start = offset
             name, offset = self._string(offset)
             n_dims, offset = self._u32(offset), offset + 4
-            dims, offset = self._array(10, n_dims, offset)
+            dims, offset = self._array(UINT64, n_dims, offset)
             kind, offset = self._u32(offset), offset + 4
             relative, offset = self._u64(offset), offset + 8
             try:
                 tensor_type = gguf.GGMLQuantizationType(kind)
             except ValueError:
-                raise self._error(start, f"tensor '{name}' has type number {kind}, which is no ggml type") from None
+                raise _Corrupt(start, f"tensor '{name}' has type number {kind}, which is no ggml type") from None
             table.append((name, tensor_type, np.array(dims, dtype=np.uint64), relative))
         base = -(-offset // alignment) * alignment
         self.tensors: list[Tensor] = []
         names = set()
         for name, tensor_type, dims, relative in table:
             if name in names:
-                raise self._error(base, f"tensor '{name}' appears twice")
+                raise _Corrupt(base, f"tensor '{name}' appears twice")
             names.add(name)
             block, size = gguf.GGML_QUANT_SIZES[tensor_type]
             n = int(np.prod(dims, dtype=np.uint64))
             shape = tuple(int(d) for d in reversed(dims.tolist()))
             if n % block or (shape and shape[-1] % block):
-                raise self._error(
+                raise _Corrupt(
                     base, f"tensor '{name}' has {shape[-1]} columns, not whole {tensor_type.name} blocks of {block}"
                 )
             n_bytes, start = n // block * size, base + relative
             if start + n_bytes > len(self.data):
-                raise self._error(start, f"tensor '{name}' runs past the end of the file (truncated download?)")
+                raise _Corrupt(start, f"tensor '{name}' runs past the end of the file (truncated download?)")
             dtype = _ELEMENTS.get(tensor_type.name)
             if dtype is None:  # blocks: (..., row bytes)
                 shape = (*shape[:-1], shape[-1] // block * size) if shape else (n_bytes,)
@@ -150,7 +164,7 @@ class GGUFFile:
 
     def _need(self, offset: int, n: int) -> None:
         if offset + n > len(self._view):
-            raise self._error(offset, f"{n} bytes needed, the file ends at {len(self._view)} (truncated download?)")
+            raise _Corrupt(offset, f"{n} bytes needed, the file ends at {len(self._view)} (truncated download?)")
 
     def _u32(self, offset: int) -> int:
         self._need(offset, 4)
@@ -166,7 +180,7 @@ class GGUFFile:
         try:
             return str(self._view[offset + 8 : offset + 8 + n], "utf-8"), offset + 8 + n
         except UnicodeDecodeError as e:
-            raise self._error(offset, f"a string that is not UTF-8 ({e})") from None
+            raise _Corrupt(offset, f"a string that is not UTF-8 ({e})") from None
 
     def _value(self, value_type: int, offset: int) -> tuple[Any, int]:
         if value_type == STRING:
@@ -176,7 +190,7 @@ class GGUFFile:
             return self._array(item_type, count, offset + 12)
         dtype = SCALARS.get(value_type)
         if dtype is None:
-            raise self._error(offset, f"value type {value_type}, which is no GGUF type")
+            raise _Corrupt(offset, f"value type {value_type}, which is no GGUF type")
         self._need(offset, dtype.itemsize)
         return np.frombuffer(self._view, dtype, 1, offset).item(), offset + dtype.itemsize
 
@@ -196,11 +210,11 @@ class GGUFFile:
                     items.append(str(view[offset + 8 : offset + 8 + n], "utf-8"))
                     offset += 8 + n
             except struct.error:
-                raise self._error(
+                raise _Corrupt(
                     offset, "an array of strings runs past the end of the file (truncated download?)"
                 ) from None
             except UnicodeDecodeError as e:
-                raise self._error(offset, f"a string that is not UTF-8 ({e})") from None
+                raise _Corrupt(offset, f"a string that is not UTF-8 ({e})") from None
             return items, offset
         items = []  # arrays of arrays (GGUF allows them; no Qwen file has one)
         for _ in range(count):
@@ -228,8 +242,12 @@ def drop_pages(address: int, nbytes: int) -> bool:
     start, end = -(-address // _PAGE) * _PAGE, (address + nbytes) // _PAGE * _PAGE
     if end <= start or not sys.platform.startswith("linux") or not _file_mapped(address, address + nbytes):
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
+    return _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _file_mapped(start: int, end: int) -> bool:
