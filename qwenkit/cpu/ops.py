@@ -149,6 +149,11 @@ PACKABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 PACKED, PACK_ROWS = 64, 16
 
 
+def packed_shape(rows: int, row_bytes: int) -> tuple[int, int]:
+    """The shape of `rows` rows of `row_bytes` bytes in packed tiles: (tiles, bytes of a tile)."""
+    return -(-rows // PACK_ROWS), PACK_ROWS * row_bytes
+
+
 def pack(blocks: torch.Tensor, qtype: str, lib=None, done: Callable[[torch.Tensor], object] | None = None,
          chunk_rows: int = 4096) -> torch.Tensor | None:  # fmt: skip
     """`blocks` (N, row bytes) of a PACKABLE format in quant.c's tiles: uint8 (ceil(N / 16),
@@ -162,7 +167,7 @@ def pack(blocks: torch.Tensor, qtype: str, lib=None, done: Callable[[torch.Tenso
         return None
     N, rb = blocks.shape
     K = rb // BLOCK_FORMATS[qtype][2] * BLOCK_FORMATS[qtype][1]
-    out = torch.empty(-(-N // PACK_ROWS), PACK_ROWS * rb, dtype=torch.uint8)
+    out = torch.empty(packed_shape(N, rb), dtype=torch.uint8)
     step = max(chunk_rows // PACK_ROWS, 1) * PACK_ROWS  # whole tiles: chunk n's are out's rows n0 / 16 on
     for n0 in range(0, N, step):
         chunk = blocks[n0 : n0 + step]
@@ -187,7 +192,7 @@ def qgemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor 
         N, shape, limit, wtype = blocks.shape[0], (blocks.shape[0], rb), MAX_ROWS, BLOCK_FORMATS[qtype][0]
     else:
         N, limit, wtype = packed_rows, None, BLOCK_FORMATS[qtype][0] + PACKED
-        shape = (-(-N // PACK_ROWS), PACK_ROWS * rb)
+        shape = packed_shape(N, rb)
     if M == 0 or (limit is not None and M > limit) or not x.is_cpu or not blocks.is_cpu:
         return None
     if blocks.dtype != torch.uint8 or blocks.shape != shape or not blocks.is_contiguous() or rb == 0:

@@ -143,7 +143,7 @@ class DecodeStack:
                     number = kind & ~ops.PACKED
                     qtype = next(q for q, (n, _, _) in BLOCK_FORMATS.items() if n == number)
                     rb = row_bytes(qtype, shape[1])
-                    shape = (-(-shape[0] // ops.PACK_ROWS), ops.PACK_ROWS * rb) if kind & ops.PACKED else (shape[0], rb)
+                    shape = ops.packed_shape(shape[0], rb) if kind & ops.PACKED else (shape[0], rb)
                     want = torch.uint8
                 else:
                     want = dtype
