@@ -38,13 +38,13 @@ class StreamingRMSNorm(RMSNorm):
 
 
 class StreamingQuantLinear(QuantLinear):
-    """csrc/quant.c's products over the blocks. The blocks-of-32 formats (ops.PACKABLE) are packed
-    once, at the first product, into quant.c's tiles of 16 rows, which every product then reads:
-    decoding and prefill alike, with x quantized to int8. The others (K-quants, F16) multiply the
-    file's blocks for a few rows, and prefill dequantizes tiles of rows into a matmul, never the
-    whole weight at once. The packed copy is the one state this subclass adds (not in state dicts:
-    it is made again from the blocks); blocks that are views of a mapped file give their pages
-    back once packed, so the weights are resident once."""
+    """csrc/quant.c's products over the blocks. Every integer format (ops.PACKABLE) is packed once,
+    at the first product, into quant.c's tiles of 16 rows, which every product then reads:
+    decoding and prefill alike, with x quantized to int8. F16 multiplies the file's rows for a few
+    rows of x, and prefill dequantizes tiles of rows into a matmul, never the whole weight at once.
+    The packed copy is the one state this subclass adds (not in state dicts: it is made again
+    from the blocks); blocks that are views of a mapped file give their pages back once packed,
+    so the weights are resident once."""
 
     def kernel_weights(self) -> tuple[torch.Tensor, bool]:
         """The weights the kernels read: the packed tiles (True), or the blocks as they are."""

@@ -145,7 +145,7 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, valid) -> torch
 # Formats that quant.c can repack in tiles of PACK_ROWS rows, whose lanes are rows (its "Packed
 # tiles"): the products then read them several times faster. A packed format's number is its own
 # plus PACKED.
-PACKABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+PACKABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 PACKED, PACK_ROWS = 64, 16
 
 

@@ -223,6 +223,7 @@ struct qx { /* per row of K, padded with zeros to Kp (a multiple of 256) */
     float *sum16;  /* (Kp / 16,): the dequantized sum of each 16 values */
     float *d;      /* (Kp / 32,): each block of 32's scale */
     int32_t *qsum; /* (Kp / 32,): each block of 32's sum of q */
+    int32_t *qsum16; /* (Kp / 16,): each 16 values' sum of q (Q6_K's offset meets it) */
     long Kp;
 };
 INTERNAL long quant_row_bytes(int wt, long K);

@@ -18,6 +18,10 @@
  *
  * F16 weights take the fp32 activations as they are (no integer path). `dequantize` uses the
  * same unpacking, for prefill (tiles into a matmul) and for embedding rows.
+ *
+ * qwenkit's layers multiply these file-layout rows only for F16: every other format is repacked
+ * at load into tiles whose vector lanes are rows ("Packed tiles" and "Packed K-quant tiles"
+ * below), which the products read two to three times faster.
  */
 #include <math.h>
 #include <stdint.h>
@@ -76,7 +80,7 @@ static long block_bytes(int wt) {
 static long block_size(int wt) { return wt == F16 ? 1 : wt == Q4_K || wt == Q5_K || wt == Q6_K ? 256 : 32; }
 
 /* Formats with a packed layout (see "Packed tiles" below): blocks of 32 */
-static int packable(int wt) { return wt == Q4_0 || wt == Q4_1 || wt == Q5_0 || wt == Q5_1 || wt == Q8_0; }
+static int packable(int wt) { return wt != F16 && block_bytes(wt) > 0; }
 
 /* The bytes of a row of K weights, or 0 where the format does not take K (packed: the same bytes,
  * in tiles of PACK_ROWS rows) */
@@ -92,9 +96,9 @@ INTERNAL long quant_row_bytes(int wt, long K) {
  * 32, so that it multiplies a vector of 16 lanes as it is); sum16 (Kp / 16,), the dequantized
  * sum of each 16 values, for the weights' biases. */
 static long qx_padded(long K) { return (K + GROUP - 1) / GROUP * GROUP; }
-/* q (Kp bytes), lane (Kp / 4 floats), sum16 (Kp / 16 floats), d and qsum (Kp / 32 each) per row,
- * and room to align */
-INTERNAL long qx_bytes(long M, long K) { return M * (2 * qx_padded(K) + qx_padded(K) / 4 + qx_padded(K) / 4) + 64; }
+/* q (Kp bytes), lane (Kp / 4 floats), sum16 and qsum16 (Kp / 16 each), d and qsum (Kp / 32 each)
+ * per row, and room to align */
+INTERNAL long qx_bytes(long M, long K) { return M * (2 * qx_padded(K) + 3 * qx_padded(K) / 4) + 64; }
 
 /* Quantizes one block of 32 values of x (type xt) from element i, n of them real (the rest 0):
  * q = round(v * 127 / absmax) to nearest even (adding and taking away 1.5 * 2^23 rounds an fp32
@@ -133,7 +137,8 @@ INTERNAL struct qx qx_layout(long M, long K, void *mem) {
     out.sum16 = out.lane + M * out.Kp / 4;
     out.d = out.sum16 + M * out.Kp / 16;
     out.qsum = (int32_t *)(out.d + M * out.Kp / 32);
-    out.q = (int8_t *)(out.qsum + M * out.Kp / 32);
+    out.qsum16 = out.qsum + M * out.Kp / 32;
+    out.q = (int8_t *)(out.qsum16 + M * out.Kp / 16);
     return out;
 }
 
@@ -143,7 +148,7 @@ INTERNAL void quantize_rows(const struct qx *out, const void *x, enum dtype xt, 
         int8_t *q = out->q + m * out->Kp;
         float *lane = out->lane + m * out->Kp / 4, *sum16 = out->sum16 + m * out->Kp / 16;
         float *d32 = out->d + m * out->Kp / 32;
-        int32_t *qsum = out->qsum + m * out->Kp / 32;
+        int32_t *qsum = out->qsum + m * out->Kp / 32, *qsum16 = out->qsum16 + m * out->Kp / 16;
         for (long b = 0; b < out->Kp / 32; b++) {
             long i = b * 32;
             int n = i >= K ? 0 : K - i < 32 ? (int)(K - i) : 32;
@@ -155,6 +160,7 @@ INTERNAL void quantize_rows(const struct qx *out, const void *x, enum dtype xt, 
                 int s = 0;
                 for (int j = 0; j < 16; j++) s += q[i + 16 * h + j];
                 sum16[b * 2 + h] = d * (float)s;
+                qsum16[b * 2 + h] = s;
                 qsum[b] += s;
             }
         }
@@ -745,10 +751,170 @@ static ALWAYS_INLINE void ptile_rows(const struct qx *x, const uint8_t *tile, lo
     for (int m = 0; m < M; m++) out[m] = acc[m];
 }
 
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packed K-quant tiles (Q4_K, Q5_K, Q6_K): the same idea, lane r of every vector row r, laid out
+ * super-block by super-block, each in PACK_ROWS times the bytes of the file's super-block (so a
+ * tile is 16 times a row's bytes, as for the formats above). The quants of each sub-block of 32
+ * are in the blocks-of-32 layout above: 4 vectors of nibbles (weights 4j + i low, 16 + 4j + i
+ * high), then, per format, for a super-block's 16 rows:
+ *   Q4_K, Q5_K: (Q5_K: 8 sub-blocks of 8 fifth-bit masks, as Q5_0's;) the 6-bit scales sc and
+ *     mins m of the 8 sub-blocks in 192 bytes: lo, 128 bytes, byte 64(b / 4) + 16(b % 4) + r
+ *     holds sub-block b's low 4 bits of sc (low nibble) and m (high nibble); hi, 64 bytes, byte
+ *     16(b % 4) + r holds their top 2 bits, at bit 4(b / 4) for sc and 4(b / 4) + 2 for m (so a
+ *     super-block's 128 scales and mins come out of three vectors with a few byte operations);
+ *     then d and dmin, 16 fp16 each. Weight = d * sc * u - dmin * m.
+ *   Q6_K: 8 sub-blocks of 2 vectors of top 2 bits: bits 2s, 2s + 1 of byte 4r + i of vector k
+ *     are those of weight 4(4k + s) + i (the nibbles' vector 4k + s); the 16 int8 scales, one
+ *     per 16 weights, byte 16k + r scale k of row r; d, 16 fp16. Weight = d * sc * (u - 32).
+ * A sub-block's integer sum times its integer scale stays exact in int32 (at most 32 * 63 * 127
+ * * 63 for Q5_K, 2 * 16 * 95 * 127 * 128 for Q6_K); it is scaled by x's block scale in fp32, and
+ * by d once per super-block. */
+
+static ALWAYS_INLINE int is_k(int wt) { return wt == Q4_K || wt == Q5_K || wt == Q6_K; }
+/* Offsets in a packed super-block of 16 rows: the fifth bits (Q5_K) or the top bits (Q6_K) after
+ * the 8 sub-blocks' 256 bytes of nibbles, then the scales, then d (and dmin) */
+static ALWAYS_INLINE long k_bits_at(void) { return 8 * 256; }
+static ALWAYS_INLINE long k_scales_at(int wt) { return k_bits_at() + (wt == Q5_K ? 8 * 64 : wt == Q6_K ? 8 * 128 : 0); }
+static ALWAYS_INLINE long k_d_at(int wt) { return k_scales_at(wt) + (wt == Q6_K ? 256 : 192); }
+
+/* The 32 unsigned quants of sub-block b of a super-block in the file's layout, as ggml's
+ * dequantize_row_q*_K reads them */
+static ALWAYS_INLINE void k_quants(const uint8_t *blk, int wt, int b, uint8_t *u) {
+    for (int l = 0; l < 32; l++) {
+        if (wt == Q6_K) { /* each half of 128: ql[64], qh[32]; quarter k of it in nibbles and bit pairs */
+            const uint8_t *ql = blk + 64 * (b / 4), *qh = blk + 128 + 32 * (b / 4);
+            int k = b % 4, low = k & 1 ? ql[l + 32] : ql[l];
+            u[l] = (uint8_t)((k < 2 ? low & 15 : low >> 4) | ((qh[l] >> (2 * k)) & 3) << 4);
+        } else { /* sub-blocks 2c and 2c + 1 in the low and high nibbles of qs[32c..]; Q5_K's bit b of qh[l] */
+            const uint8_t *qs = blk + (wt == Q5_K ? 48 : 16);
+            u[l] = (uint8_t)((qs[32 * (b / 2) + l] >> (4 * (b & 1))) & 15);
+            if (wt == Q5_K) u[l] |= (uint8_t)(((blk[16 + l] >> b) & 1) << 4);
+        }
+    }
+}
+
+/* Rows [16t, 16t + 16) of w (N, row bytes), K-quants, into a tile */
+static ALWAYS_INLINE void pack_ktile(const uint8_t *w, int wt, long N, long K, long t, uint8_t *tile) {
+    long rb = quant_row_bytes(wt, K), bb = block_bytes(wt), sbytes = PACK_ROWS * bb;
+    memset(tile, 0, K / 256 * sbytes);
+    for (int r = 0; r < PACK_ROWS && t * PACK_ROWS + r < N; r++)
+        for (long s = 0; s < K / 256; s++) {
+            const uint8_t *blk = w + (t * PACK_ROWS + r) * rb + s * bb;
+            uint8_t *st = tile + s * sbytes, *bits = st + k_bits_at(), *scales = st + k_scales_at(wt);
+            for (int b = 0; b < 8; b++) {
+                uint8_t u[32];
+                k_quants(blk, wt, b, u);
+                for (int l = 0; l < 16; l++) /* vector l / 4, byte 4r + l % 4: weights l and 16 + l */
+                    st[256 * b + 64 * (l / 4) + 4 * r + l % 4] = (uint8_t)((u[l] & 15) | (u[l + 16] & 15) << 4);
+                for (int l = 0; l < 32; l++) {
+                    int lane = 4 * r + l % 4; /* the weight's byte in its vector of the nibbles */
+                    if (wt == Q5_K) bits[64 * b + 8 * (l / 4) + lane / 8] |= (uint8_t)(u[l] >> 4 << lane % 8);
+                    if (wt == Q6_K) bits[128 * b + 64 * (l / 16) + lane] |= (uint8_t)(u[l] >> 4 << 2 * (l % 16 / 4));
+                }
+                if (wt == Q6_K) {
+                    scales[16 * (2 * b) + r] = blk[192 + 2 * b];
+                    scales[16 * (2 * b + 1) + r] = blk[192 + 2 * b + 1];
+                } else {
+                    int sc, mn;
+                    scale_min_k4(b, blk + 4, &sc, &mn);
+                    scales[64 * (b / 4) + 16 * (b % 4) + r] = (uint8_t)((sc & 15) | (mn & 15) << 4);
+                    scales[128 + 16 * (b % 4) + r] |= (uint8_t)((sc >> 4 | (mn >> 4) << 2) << 4 * (b / 4));
+                }
+            }
+            memcpy(st + k_d_at(wt) + 2 * r, blk + (wt == Q6_K ? 208 : 0), 2);
+            if (wt != Q6_K) memcpy(st + k_d_at(wt) + 32 + 2 * r, blk + 2, 2);
+        }
+}
+
+/* The 16 bytes at 16i of v, widened to 16 int32 lanes */
+static ALWAYS_INLINE vi32 quarter_u8(vu8 v, int i) {
+    vu8q q;
+    switch (i) {
+    case 0: q = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); break;
+    case 1: q = __builtin_shufflevector(v, v, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31); break;
+    case 2: q = __builtin_shufflevector(v, v, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47); break;
+    default: q = __builtin_shufflevector(v, v, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
+    }
+    return __builtin_convertvector(q, vi32);
+}
+static ALWAYS_INLINE vi32 int8s(const uint8_t *p) {
+    vs8q q;
+    memcpy(&q, p, 16);
+    return __builtin_convertvector(q, vi32);
+}
+
+/* out[m][r] = dot(row 16t + r, x[m]) for a K-quant tile and M rows of quantized x (M a constant) */
+static ALWAYS_INLINE void kptile_rows(const struct qx *x, const uint8_t *tile, long K, vf *out, int M, int wt) {
+    long sbytes = PACK_ROWS * block_bytes(wt);
+    vf acc[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = (vf){0};
+    for (long s = 0; s < K / 256; s++) {
+        const uint8_t *st = tile + s * sbytes, *scales = st + k_scales_at(wt);
+        vu8 sc[2] = {{0}}, mn[2] = {{0}};
+        if (wt != Q6_K) {
+            vu8 lo[2], hi;
+            memcpy(lo, scales, 128);
+            memcpy(&hi, scales + 128, 64);
+            for (int h = 0; h < 2; h++) {
+                sc[h] = (lo[h] & 15) | ((hi >> (4 * h)) & 3) << 4;
+                mn[h] = (lo[h] >> 4) | ((hi >> (4 * h + 2)) & 3) << 4;
+            }
+        }
+        vf sacc[MAX_ROWS], macc[MAX_ROWS];
+        for (int m = 0; m < M; m++) sacc[m] = macc[m] = (vf){0};
+        for (int b = 0; b < 8; b++) {
+            for (long o = b * sbytes / 8; o < (b + 1) * sbytes / 8; o += 64)
+                __builtin_prefetch(st + PACK_AHEAD + o, 0, 3);
+            vu8 u[8];
+            memcpy(u, st + 256 * b, 256);
+            for (int j = 0; j < 4; j++) {
+                u[4 + j] = u[j] >> 4;
+                u[j] &= 15;
+            }
+            if (wt == Q5_K)
+                for (int j = 0; j < 8; j++) u[j] |= fifth_bytes(st + k_bits_at() + 64 * b + 8 * j);
+            if (wt == Q6_K) {
+                vu8 top[2];
+                memcpy(top, st + k_bits_at() + 128 * b, 128);
+                for (int j = 0; j < 8; j++) u[j] |= ((top[j / 4] >> (2 * (j % 4))) & 3) << 4;
+            }
+            vi32 s0 = wt == Q6_K ? int8s(scales + 32 * b) : quarter_u8(sc[b / 4], b % 4);
+            vi32 s1 = wt == Q6_K ? int8s(scales + 32 * b + 16) : (vi32){0};
+            vf mf = wt == Q6_K ? (vf){0} : __builtin_convertvector(quarter_u8(mn[b / 4], b % 4), vf);
+            for (int m = 0; m < M; m++) {
+                long at = m * x->Kp / 32 + s * 8 + b;
+                const int8_t *q = x->q + at * 32;
+                vi32 lo = {0}, hi = {0}; /* Q6_K: weights 0-15 and 16-31 (two scales); else even, odd j */
+                if (wt == Q6_K) {
+                    lo += -32 * x->qsum16[2 * at];
+                    hi += -32 * x->qsum16[2 * at + 1];
+                    for (int j = 0; j < 4; j++) {
+                        lo = dot_acc(lo, u[j], (vs8)broadcast4(q + 4 * j), 0);
+                        hi = dot_acc(hi, u[j + 4], (vs8)broadcast4(q + 4 * j + 16), 0);
+                    }
+                } else {
+                    for (int j = 0; j < 8; j += 2) {
+                        lo = dot_acc(lo, u[j], (vs8)broadcast4(q + 4 * j), 0);
+                        hi = dot_acc(hi, u[j + 1], (vs8)broadcast4(q + 4 * j + 4), 0);
+                    }
+                }
+                vi32 sum = wt == Q6_K ? lo * s0 + hi * s1 : (lo + hi) * s0;
+                float dx = x->d[at];
+                sacc[m] += __builtin_convertvector(sum, vf) * dx;
+                if (wt != Q6_K) macc[m] += mf * (dx * (float)x->qsum[at]);
+            }
+        }
+        vf d = halves16(st + k_d_at(wt)), dmin = wt == Q6_K ? (vf){0} : halves16(st + k_d_at(wt) + 32);
+        for (int m = 0; m < M; m++) acc[m] += d * sacc[m] - dmin * macc[m];
+    }
+    for (int m = 0; m < M; m++) out[m] = acc[m];
+}
+
 /* Output rows [n0, n1) (whole tiles, the last may pass N) of packed w against M rows of x */
 static ALWAYS_INLINE void ptile_product(const struct qx *qx, const uint8_t *w, int wt, const void *b, void *y,
                                         enum dtype xt, long M, long N, long K, long n0, long n1) {
-    long tb = tile_parts(wt, K).bytes;
+    long tb = PACK_ROWS * quant_row_bytes(wt, K);
     for (long t = n0 / PACK_ROWS; t * PACK_ROWS < n1; t++) {
         const uint8_t *tile = w + t * tb;
         for (long m = 0; m < M;) {
@@ -757,8 +923,13 @@ static ALWAYS_INLINE void ptile_product(const struct qx *qx, const uint8_t *w, i
             part.q = qx->q + m * qx->Kp;
             part.d = qx->d + m * qx->Kp / 32;
             part.qsum = qx->qsum + m * qx->Kp / 32;
+            part.qsum16 = qx->qsum16 + m * qx->Kp / 16;
             vf o[4];
-            if (n == 4)
+            if (is_k(wt) && n == 4)
+                kptile_rows(&part, tile, K, o, 4, wt);
+            else if (is_k(wt))
+                kptile_rows(&part, tile, K, o, 1, wt);
+            else if (n == 4)
                 ptile_rows(&part, tile, K, o, 4, wt);
             else
                 ptile_rows(&part, tile, K, o, 1, wt);
@@ -798,6 +969,9 @@ INTERNAL void qgemv_rows(const struct qx *qx, const void *x, enum dtype xt, cons
     case Q4_1 | PACKED: ptile_product(qx, w, Q4_1, b, y, xt, M, N, K, n0, n1); break;
     case Q5_0 | PACKED: ptile_product(qx, w, Q5_0, b, y, xt, M, N, K, n0, n1); break;
     case Q5_1 | PACKED: ptile_product(qx, w, Q5_1, b, y, xt, M, N, K, n0, n1); break;
+    case Q4_K | PACKED: ptile_product(qx, w, Q4_K, b, y, xt, M, N, K, n0, n1); break;
+    case Q5_K | PACKED: ptile_product(qx, w, Q5_K, b, y, xt, M, N, K, n0, n1); break;
+    case Q6_K | PACKED: ptile_product(qx, w, Q6_K, b, y, xt, M, N, K, n0, n1); break;
     }
 }
 
@@ -870,9 +1044,17 @@ static ALWAYS_INLINE void dequantize_row(const uint8_t *row, long K, float *out,
 
 int qwenkit_pack(const void *w, int wtype, long N, long K, void *out, int threads) {
     if (!packable(wtype) || N < 1 || quant_row_bytes(wtype, K) == 0 || threads < 1) return -1;
-    long tiles = (N + PACK_ROWS - 1) / PACK_ROWS, tb = tile_parts(wtype, K).bytes;
+    long tiles = (N + PACK_ROWS - 1) / PACK_ROWS, tb = PACK_ROWS * quant_row_bytes(wtype, K);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long t = 0; t < tiles; t++) pack_tile(w, wtype, N, K, t, (uint8_t *)out + t * tb);
+    for (long t = 0; t < tiles; t++) {
+        uint8_t *tile = (uint8_t *)out + t * tb;
+        switch (wtype) { /* the K-quants' with the format a constant */
+        case Q4_K: pack_ktile(w, Q4_K, N, K, t, tile); break;
+        case Q5_K: pack_ktile(w, Q5_K, N, K, t, tile); break;
+        case Q6_K: pack_ktile(w, Q6_K, N, K, t, tile); break;
+        default: pack_tile(w, wtype, N, K, t, tile);
+        }
+    }
     return 0;
 }
 

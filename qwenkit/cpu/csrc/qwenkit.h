@@ -45,7 +45,7 @@ int qwenkit_gemv_bf16(const uint16_t *x, const uint16_t *w, const void *scale, c
  * fp32; x is quantized to int8 in blocks of 32 first (not for F16) */
 int qwenkit_qgemv(const float *x, const void *w, int wtype, const float *b, float *y, long M, long N, long K,
                   int threads);
-/* w (N, row bytes) of Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 into out, ceil(N / 16) tiles of 16 rows
+/* w (N, row bytes) of any block format but F16 into out, ceil(N / 16) tiles of 16 rows
  * (16 * row bytes each; quant.c's layout) */
 int qwenkit_pack(const void *w, int wtype, long N, long K, void *out, int threads);
 /* rows of such weights in fp32: out (rows, K) */
