@@ -87,11 +87,13 @@ def test_each_product_equals_the_dequantized_product(kernels, qtype, rows):
 
 
 @pytest.mark.parametrize("qtype", ops.PACKABLE)
-@pytest.mark.parametrize("rows", [1, 4, 13])
-def test_each_packed_product_equals_the_dequantized_product(kernels, qtype, rows):
+@pytest.mark.parametrize("rows, K", [(1, None), (4, None), (13, None), (140, 1280)])
+def test_each_packed_product_equals_the_dequantized_product(kernels, qtype, rows, K):
     """The blocks packed in tiles of 16 rows (37 rows: the last tile partial), any number of rows
-    of x (prefill's too), against the gguf package's dequantized weights times the dequantized x."""
-    K, N = width(qtype), 37
+    of x (prefill's too), against the gguf package's dequantized weights times the dequantized x.
+    13 rows take the copies for 8, 4 and 1; 140 rows of 1280 pass quant.c's chunk of K (1024) and
+    its block of 128 rows of x, each with a partial last one."""
+    K, N = K or width(qtype), 37
     blocks = random_blocks(qtype, N, K, seed=rows)
     packed = ops.pack(blocks, qtype, lib=kernels)
     assert packed.shape == (3, 16 * blocks.shape[1])  # the file's bytes, in whole tiles

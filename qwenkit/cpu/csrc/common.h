@@ -224,6 +224,7 @@ struct qx { /* per row of K, padded with zeros to Kp (a multiple of 256) */
     float *d;      /* (Kp / 32,): each block of 32's scale */
     int32_t *qsum; /* (Kp / 32,): each block of 32's sum of q */
     int32_t *qsum16; /* (Kp / 16,): each 16 values' sum of q (Q6_K's offset meets it) */
+    float *dsum;     /* (Kp / 32,): d * qsum, each block of 32's dequantized sum (the mins meet it) */
     long Kp;
 };
 INTERNAL long quant_row_bytes(int wt, long K);
