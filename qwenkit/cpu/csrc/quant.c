@@ -717,7 +717,7 @@ static ALWAYS_INLINE void ptile_rows(const struct qx *x, const uint8_t *tile, lo
     struct tile_parts parts = tile_parts(wt, K);
     int V = pack_vectors(wt);
     vf acc[MAX_ROWS];
-    for (int m = 0; m < M; m++) acc[m] = (vf){0};
+    for (int m = 0; m < M; m++) acc[m] = out[m]; /* the sums so far, added to in the same order as in one pass */
     for (long b = b0; b < b1; b++) {
         const uint8_t *quants = tile + parts.quants + b * V * 64;
         /* the tiles lie one after another: sweep them AHEAD bytes ahead at the rate they are read,
@@ -751,7 +751,7 @@ static ALWAYS_INLINE void ptile_rows(const struct qx *x, const uint8_t *tile, lo
             if (has_min(wt)) acc[m] += mn * x->dsum[at];
         }
     }
-    for (int m = 0; m < M; m++) out[m] += acc[m];
+    for (int m = 0; m < M; m++) out[m] = acc[m];
 }
 
 
@@ -770,9 +770,9 @@ static ALWAYS_INLINE void ptile_rows(const struct qx *x, const uint8_t *tile, lo
  *   Q6_K: 8 sub-blocks of 2 vectors of top 2 bits: bits 2s, 2s + 1 of byte 4r + i of vector k
  *     are those of weight 4(4k + s) + i (the nibbles' vector 4k + s); the 16 int8 scales, one
  *     per 16 weights, byte 16k + r scale k of row r; d, 16 fp16. Weight = d * sc * (u - 32).
- * A sub-block's integer sum times its integer scale stays exact in int32 (at most 32 * 63 * 127
- * * 63 for Q5_K, 2 * 16 * 95 * 127 * 128 for Q6_K); it is scaled by x's block scale in fp32, and
- * by d once per super-block. */
+ * A sub-block's integer sum with x (Q6_K: each 16's, less 32 times x's sum of them, exact in
+ * int32) meets d * sc in fp32, itself exact (d has 11 significant bits, sc 6, Q6_K's 8), times
+ * x's block scale; the mins, dmin * m, meet x's block sums (qx's dsum). */
 
 static ALWAYS_INLINE int is_k(int wt) { return wt == Q4_K || wt == Q5_K || wt == Q6_K; }
 /* Offsets in a packed super-block of 16 rows: the fifth bits (Q5_K) or the top bits (Q6_K) after
@@ -865,7 +865,7 @@ static ALWAYS_INLINE void kptile_rows(const struct qx *x, const uint8_t *tile, l
                                       int wt) {
     long sbytes = PACK_ROWS * block_bytes(wt);
     vf acc[MAX_ROWS];
-    for (int m = 0; m < M; m++) acc[m] = (vf){0};
+    for (int m = 0; m < M; m++) acc[m] = out[m];
     for (long s = s0; s < s1; s++) {
         const uint8_t *st = tile + s * sbytes, *scales = st + k_scales_at(wt);
         vf d = halves16(st + k_d_at(wt)), dmin = wt == Q6_K ? (vf){0} : halves16(st + k_d_at(wt) + 32);
@@ -922,7 +922,7 @@ static ALWAYS_INLINE void kptile_rows(const struct qx *x, const uint8_t *tile, l
             }
         }
     }
-    for (int m = 0; m < M; m++) out[m] += acc[m];
+    for (int m = 0; m < M; m++) out[m] = acc[m];
 }
 
 /* Output rows [n0, n1) (whole tiles, the last may pass N) of packed w against M rows of x.
