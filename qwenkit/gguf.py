@@ -513,8 +513,8 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF"):
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    """A path that names a GGUF file (by its suffix: a folder is a checkpoint)."""
-    return str(path).endswith(".gguf") and not Path(path).is_dir()
+    """A path that names a GGUF file (by its suffix, in any case: a folder is a checkpoint)."""
+    return str(path).lower().endswith(".gguf") and not Path(path).is_dir()
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> QwenForCausalLM:

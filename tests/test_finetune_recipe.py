@@ -51,6 +51,7 @@ def test_the_7b_recipes_say_what_they_are_for():
         ({"method": "full", "train_layers": 2}, "key 'train_layers'"),
         ({"eval_every": 10}, "key 'eval_every': needs validation data"),
         ({"early_stop_patience": 2}, "key 'early_stop_patience'"),
+        ({"model": "qwen2.5-7b-instruct-Q4_K_M.GGUF"}, "key 'model': .* is a GGUF file"),
     ],
 )
 def test_unknown_keys_and_bad_values_name_the_key(values, message):

@@ -20,7 +20,7 @@ from reference import random_model, tiny_config
 from safetensors.torch import load_file
 
 import qwenkit
-from qwenkit.gguf import GGUFError, convert_gguf
+from qwenkit.gguf import GGUFError, convert_gguf, is_gguf
 
 
 def logits(model, ids):
@@ -287,3 +287,9 @@ def test_existing_output_folder_is_kept_unless_overwrite(tmp_path, small_gguf):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert convert_gguf(small_gguf, empty) == empty and (empty / "tokenizer.json").exists()
+
+
+def test_a_gguf_is_named_by_its_suffix_in_any_case(tmp_path):
+    (tmp_path / "folder.gguf").mkdir()
+    assert is_gguf(tmp_path / "m.gguf") and is_gguf(tmp_path / "M.GGUF") and is_gguf("hub/model.Gguf")
+    assert not is_gguf(tmp_path / "folder.gguf") and not is_gguf(tmp_path / "model")

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from qwenkit.errors import RecipeError
+from qwenkit.gguf import is_gguf
 from qwenkit.lora import ALL_LINEAR
 
 
@@ -277,7 +278,7 @@ def validate(c: FinetuneConfig) -> None:
         _bad("betas", f"must be two numbers in [0, 1); got {c.betas!r}")
     if c.max_seq_len < 8:
         _bad("max_seq_len", f"must be at least 8 tokens; got {c.max_seq_len}")
-    if c.model.lower().endswith(".gguf"):  # quantized blocks are for inference: no QLoRA-style training
+    if is_gguf(c.model):  # quantized blocks are for inference: no QLoRA-style training
         _bad(
             "model",
             f"{c.model!r} is a GGUF file, whose quantized weights qwenkit runs for inference only; train on "
