@@ -59,8 +59,8 @@ TIE = {"F32": 0.0, "Q8_0": 0.5, "Q4_K_M": 0.5}
 # scored tokens llama.cpp's own estimate moves by 0.9% between its settings (flash attention on
 # and off, repacked or not), so 0.5% there is under the noise of the reference itself. qwenkit's
 # moves as much with the order of its fp32 sums alone, through the int8 rounding of the next
-# product's input (Q4_K_M -0.93% as the kernels add, +0.08% summing K in two halves; Q8_0
-# -0.13%, +0.63%). A longer text would tighten both, at minutes per file.
+# product's input (Q4_K_M -0.52%, -0.93% and +0.08% under three orders of the same sums; Q8_0
+# -0.13% and +0.63%). A longer text would tighten both, at minutes per file.
 PPL_TOLERANCE = {"F32": 0.0005, "Q8_0": 0.005, "Q4_K_M": 0.01}
 N_CTX = 128
 TEXT = Path(__file__).parent / "fixtures" / "public_domain_prose.txt"

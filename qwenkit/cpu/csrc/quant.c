@@ -896,7 +896,8 @@ static ALWAYS_INLINE void kptile_rows(const struct qx *x, const uint8_t *tile, l
                 for (int j = 0; j < 8; j++) u[j] |= top_bits(top[j / 4], j % 4);
             }
             /* Q6_K: the scales of weights 0-15 and 16-31; the others: the sub-block's, and its min */
-            vf sc0 = d * __builtin_convertvector(wt == Q6_K ? int8s(scales + 32 * b) : quarter_u8(sc[b / 4], b % 4), vf);
+            vi32 first = wt == Q6_K ? int8s(scales + 32 * b) : quarter_u8(sc[b / 4], b % 4);
+            vf sc0 = d * __builtin_convertvector(first, vf);
             vf sc1 = wt == Q6_K ? d * __builtin_convertvector(int8s(scales + 32 * b + 16), vf)
                                : dmin * __builtin_convertvector(quarter_u8(mn[b / 4], b % 4), vf);
             for (int m = 0; m < M; m++) {
@@ -911,7 +912,8 @@ static ALWAYS_INLINE void kptile_rows(const struct qx *x, const uint8_t *tile, l
                         lo = dot_acc(lo, u[j], (vs8)broadcast4(q + 4 * j), 0);
                         hi = dot_acc(hi, u[j + 4], (vs8)broadcast4(q + 4 * j + 16), 0);
                     }
-                    acc[m] += __builtin_convertvector(lo, vf) * (sc0 * dx) + __builtin_convertvector(hi, vf) * (sc1 * dx);
+                    acc[m] += __builtin_convertvector(lo, vf) * (sc0 * dx);
+                    acc[m] += __builtin_convertvector(hi, vf) * (sc1 * dx);
                 } else { /* two chains, even and odd j */
                     for (int j = 0; j < 8; j += 2) {
                         lo = dot_acc(lo, u[j], (vs8)broadcast4(q + 4 * j), 0);
