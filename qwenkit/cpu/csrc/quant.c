@@ -77,7 +77,9 @@ static long block_bytes(int wt) {
     default: return 0;
     }
 }
-static long block_size(int wt) { return wt == F16 ? 1 : wt == Q4_K || wt == Q5_K || wt == Q6_K ? 256 : 32; }
+/* The K-quants: super-blocks of 256 */
+static inline int is_k(int wt) { return wt == Q4_K || wt == Q5_K || wt == Q6_K; }
+static long block_size(int wt) { return wt == F16 ? 1 : is_k(wt) ? 256 : 32; }
 
 /* Formats with a packed layout (see "Packed tiles" below): blocks of 32 */
 static int packable(int wt) { return wt != F16 && block_bytes(wt) > 0; }
@@ -367,7 +369,7 @@ static __attribute__((noinline)) void unpack_tail(const uint8_t *row, long g, in
     }
 }
 static ALWAYS_INLINE void unpack(const uint8_t *row, long g, int nb, vu8 *u, vf *scale, vf *bias, int wt) {
-    if (wt == Q4_K || wt == Q5_K || wt == Q6_K)
+    if (is_k(wt))
         unpack_k(row + g * block_bytes(wt), u, scale, bias, wt);
     else if (nb == 8)
         unpack_legacy(row, g, 8, u, scale, bias, wt);
@@ -774,28 +776,11 @@ static ALWAYS_INLINE void ptile_rows(const struct qx *x, const uint8_t *tile, lo
  * int32) meets d * sc in fp32, itself exact (d has 11 significant bits, sc 6, Q6_K's 8), times
  * x's block scale; the mins, dmin * m, meet x's block sums (qx's dsum). */
 
-static ALWAYS_INLINE int is_k(int wt) { return wt == Q4_K || wt == Q5_K || wt == Q6_K; }
 /* Offsets in a packed super-block of 16 rows: the fifth bits (Q5_K) or the top bits (Q6_K) after
  * the 8 sub-blocks' 256 bytes of nibbles, then the scales, then d (and dmin) */
 static ALWAYS_INLINE long k_bits_at(void) { return 8 * 256; }
 static ALWAYS_INLINE long k_scales_at(int wt) { return k_bits_at() + (wt == Q5_K ? 8 * 64 : wt == Q6_K ? 8 * 128 : 0); }
 static ALWAYS_INLINE long k_d_at(int wt) { return k_scales_at(wt) + (wt == Q6_K ? 256 : 192); }
-
-/* The 32 unsigned quants of sub-block b of a super-block in the file's layout, as ggml's
- * dequantize_row_q*_K reads them */
-static ALWAYS_INLINE void k_quants(const uint8_t *blk, int wt, int b, uint8_t *u) {
-    for (int l = 0; l < 32; l++) {
-        if (wt == Q6_K) { /* each half of 128: ql[64], qh[32]; quarter k of it in nibbles and bit pairs */
-            const uint8_t *ql = blk + 64 * (b / 4), *qh = blk + 128 + 32 * (b / 4);
-            int k = b % 4, low = k & 1 ? ql[l + 32] : ql[l];
-            u[l] = (uint8_t)((k < 2 ? low & 15 : low >> 4) | ((qh[l] >> (2 * k)) & 3) << 4);
-        } else { /* sub-blocks 2c and 2c + 1 in the low and high nibbles of qs[32c..]; Q5_K's bit b of qh[l] */
-            const uint8_t *qs = blk + (wt == Q5_K ? 48 : 16);
-            u[l] = (uint8_t)((qs[32 * (b / 2) + l] >> (4 * (b & 1))) & 15);
-            if (wt == Q5_K) u[l] |= (uint8_t)(((blk[16 + l] >> b) & 1) << 4);
-        }
-    }
-}
 
 /* Rows [16t, 16t + 16) of w (N, row bytes), K-quants, into a tile */
 static ALWAYS_INLINE void pack_ktile(const uint8_t *w, int wt, long N, long K, long t, uint8_t *tile) {
@@ -805,9 +790,13 @@ static ALWAYS_INLINE void pack_ktile(const uint8_t *w, int wt, long N, long K, l
         for (long s = 0; s < K / 256; s++) {
             const uint8_t *blk = w + (t * PACK_ROWS + r) * rb + s * bb;
             uint8_t *st = tile + s * sbytes, *bits = st + k_bits_at(), *scales = st + k_scales_at(wt);
+            vu8 chunks[4]; /* the super-block's unsigned quants as the products above unpack them */
+            vf scale[4], bias;
+            unpack_k(blk, chunks, scale, &bias, wt);
+            uint8_t quants[256];
+            memcpy(quants, chunks, 256);
             for (int b = 0; b < 8; b++) {
-                uint8_t u[32];
-                k_quants(blk, wt, b, u);
+                const uint8_t *u = quants + 32 * b;
                 for (int l = 0; l < 16; l++) /* vector l / 4, byte 4r + l % 4: weights l and 16 + l */
                     st[256 * b + 64 * (l / 4) + 4 * r + l % 4] = (uint8_t)((u[l] & 15) | (u[l + 16] & 15) << 4);
                 for (int l = 0; l < 32; l++) {
